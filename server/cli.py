@@ -1,0 +1,5 @@
+"""Subcommands of the inference server (placeholder until the server lands)."""
+
+
+def register(subparsers) -> None:
+    pass
