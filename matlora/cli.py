@@ -43,7 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (FileNotFoundError, ValueError) as error:
+        # Bad input (a missing file, an invalid config or flag value): one clear line, no
+        # traceback, unless --log-level DEBUG asks for it.
+        logging.getLogger("matlora").debug("error details", exc_info=True)
+        parser.exit(2, f"matlora {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class AdapterConfig:
         method: ``matryoshka``, ``dylora``, ``lora`` or ``nested``.
         train_ranks: the ranks the objective trains, ascending, the last one equal to r.
         scaling: ``none``, ``rank`` or ``sqrt``.
-        inference_scaling: ``drop_p`` (rank k serves s(k) A_k B_k, the paper's choice) or
+        inference_scaling: ``drop_p`` (rank k serves s(k) A_k B_k, the inference of the MatryoshkaLoRA paper, arXiv 2605.07850) or
             ``keep_p`` (rank k keeps the training diagonal p[:k]).
         lora_dropout: dropout on the adapter input during training.
         base_model_name_or_path: the base model the adapter was trained on.
@@ -93,7 +93,9 @@ class AdapterConfig:
         data = dict(data)
         max_rank = data.pop("max_rank", None)
         if max_rank is not None and max_rank != data.get("r"):
-            raise AdapterConfigError(f"invalid adapter config:\n  - max_rank ({max_rank}) differs from r ({data.get('r')})")
+            raise AdapterConfigError(
+                f"invalid adapter config:\n  - max_rank ({max_rank}) differs from r ({data.get('r')})"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -132,7 +134,9 @@ class AdapterConfig:
         if self.scaling not in SCALINGS:
             problems.append(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
         if self.inference_scaling not in INFERENCE_SCALINGS:
-            problems.append(f"inference_scaling must be one of {', '.join(INFERENCE_SCALINGS)}, got {self.inference_scaling!r}")
+            problems.append(
+                f"inference_scaling must be one of {', '.join(INFERENCE_SCALINGS)}, got {self.inference_scaling!r}"
+            )
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias != "none":

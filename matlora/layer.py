@@ -163,12 +163,11 @@ class RankPlan:
             raise ValueError(
                 f"inference_scaling must be one of {', '.join(INFERENCE_SCALINGS)}, got {inference_scaling!r}"
             )
-        if isinstance(ranks, int) and isinstance(adapters, str):
-            _check_rank(ranks)
-            return cls((RowGroup(adapters, ranks, None),), inference_scaling)
-
         rank_list = ranks.tolist() if isinstance(ranks, torch.Tensor) else ranks
-        if isinstance(rank_list, int):
+        if not isinstance(rank_list, (list, tuple)):
+            _check_rank(rank_list)
+            if isinstance(adapters, str):
+                return cls((RowGroup(adapters, rank_list, None),), inference_scaling)
             rank_list = [rank_list] * len(adapters)
         adapter_list = [adapters] * len(rank_list) if isinstance(adapters, str) else list(adapters)
         if len(adapter_list) != len(rank_list):
@@ -244,8 +243,10 @@ class AdapterWeights(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.register_buffer("p", spec.p().to(device=device), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # c_k per (rank, inference scaling), built on first use; float64 maths, cast on use.
-        self._prefix_scales: dict[tuple[int, str], float | torch.Tensor] = {}
+        # Inference copies of the weights by (inference scaling, dtype): lora_A, and lora_B with
+        # the keep_p diagonal folded in. Each is tagged with the weights' version counters, so
+        # an optimizer step or a load rebuilds it on next use.
+        self._inference_weights: dict[tuple[str, torch.dtype], tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
 
     def training_delta(self, x: torch.Tensor) -> torch.Tensor:
         """((x A^T) * p) B^T at full rank, the function the method trains."""
@@ -253,22 +254,57 @@ class AdapterWeights(nn.Module):
         return F.linear(hidden * self.p.to(hidden.dtype), self.lora_B)
 
     def prefix_delta(self, x: torch.Tensor, rank: int, inference_scaling: str | None) -> torch.Tensor:
-        """((x A[:k]^T) * c_k) B[:, :k]^T, computed on the rank-k slices only."""
+        """((x A[:k]^T) * c_k) B[:, :k]^T, computed on the rank-k slices only.
+
+        Returns the delta in the adapter's dtype, or in float64 for single-token rows.
+        """
         if rank > self.spec.max_rank:
             raise ValueError(f"rank must be in 0..{self.spec.max_rank} for this adapter, got {rank}")
-        hidden = F.linear(self.dropout(x), self.lora_A[:rank])  # (..., rank)
-        return F.linear(hidden * self._scale(rank, inference_scaling, hidden), self.lora_B[:, :rank])
+        mode = inference_scaling or self.spec.inference_scaling
+        if torch.is_grad_enabled() and self.lora_A.requires_grad:
+            # Training a prefix (DyLoRA, nested): autograd needs the parameters themselves.
+            hidden = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A[:rank])  # (..., rank)
+            scale = self.spec.prefix_scale(rank, mode)
+            scale = scale.to(hidden.device, hidden.dtype) if isinstance(scale, torch.Tensor) else scale
+            return F.linear(hidden * scale, self.lora_B[:, :rank])
 
-    def _scale(self, rank: int, inference_scaling: str | None, like: torch.Tensor) -> float | torch.Tensor:
-        key = (rank, inference_scaling or self.spec.inference_scaling)
-        scale = self._prefix_scales.get(key)
-        if scale is None:
-            scale = self.spec.prefix_scale(rank, key[1])
-            self._prefix_scales[key] = scale
-        if isinstance(scale, torch.Tensor) and (scale.dtype != like.dtype or scale.device != like.device):
-            scale = scale.to(device=like.device, dtype=like.dtype)
-            self._prefix_scales[key] = scale
-        return scale
+        # One token per row is a decode step. GEMM libraries pick their summation order by
+        # the number of rows, so in bfloat16 or float32 a row's delta would change with the
+        # batch around it. In float64 the orders differ by about 1e-16 (relative), far below
+        # one step of the model's dtype, so the rounded delta does not depend on the batch,
+        # and the few rows of a decode step keep float64 cheap.
+        dtype = torch.float64 if x.dim() == 3 and x.shape[1] == 1 else self.lora_A.dtype
+        lora_a, folded_b = self._weights_for(mode, dtype)
+        hidden = F.linear(x.to(dtype), lora_a[:rank])  # (..., rank)
+        scale = self._scalar_scale(rank, mode)
+        if scale != 1.0:
+            hidden = hidden * scale
+        return F.linear(hidden, folded_b[:, :rank])
+
+    def _scalar_scale(self, rank: int, mode: str) -> float:
+        """The part of c_k not folded into lora_B: s(k) or s(max_rank), or 1 when c_k = p[:k]."""
+        if self._folds_p(mode):
+            return 1.0
+        return self.spec.prefix_scale(rank, mode)
+
+    def _folds_p(self, mode: str) -> bool:
+        # keep_p for matryoshka and nested scales rank k by p[:k], a prefix of one vector p,
+        # so B * p serves every rank. The other cases scale by one number per rank.
+        return mode == "keep_p" and self.spec.method in ("matryoshka", "nested")
+
+    def _weights_for(self, mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        version = (self.lora_A._version, self.lora_B._version)
+        cached = self._inference_weights.get((mode, dtype))
+        if cached is not None and cached[0] == version and cached[1].device == self.lora_A.device:
+            return cached[1], cached[2]
+        with torch.no_grad():
+            lora_a = self.lora_A.detach().to(dtype)
+            lora_b = self.lora_B.detach().to(dtype)
+            if self._folds_p(mode):
+                lora_b = lora_b * self.p.to(device=lora_b.device, dtype=dtype)
+            lora_b = lora_b.contiguous()
+        self._inference_weights[(mode, dtype)] = (version, lora_a, lora_b)
+        return lora_a, lora_b
 
 
 class MatryoshkaLinear(nn.Module):
@@ -315,15 +351,18 @@ class MatryoshkaLinear(nn.Module):
             return result + self._training_delta(x).to(result.dtype)
 
         for group in plan.groups:
-            if group.rank == 0:
+            # An adapter that targets other layers leaves this one as the base layer.
+            if group.rank == 0 or group.adapter not in self.adapters:
                 continue
             adapter = self.adapters[group.adapter]
-            rows = x if group.rows is None else x.index_select(0, group.rows.to(x.device))
-            delta = adapter.prefix_delta(rows.to(adapter.lora_A.dtype), group.rank, plan.inference_scaling)
             if group.rows is None:
-                result = result + delta.to(result.dtype)
+                delta = adapter.prefix_delta(x, group.rank, plan.inference_scaling).to(result.dtype)
+                # The base output is a fresh tensor, so adding in place is safe unless autograd records it.
+                result = result + delta if result.requires_grad else result.add_(delta)
             else:
-                result = result.index_add(0, group.rows.to(x.device), delta.to(result.dtype))
+                rows = group.rows.to(x.device)
+                delta = adapter.prefix_delta(x.index_select(0, rows), group.rank, plan.inference_scaling)
+                result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
     def _training_delta(self, x: torch.Tensor) -> torch.Tensor:

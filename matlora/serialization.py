@@ -25,7 +25,7 @@ _PREFIX = "base_model.model."
 
 
 class AdapterLoadError(ValueError):
-    """An adapter folder that does not fit the model it is loaded into; the message says why."""
+    """An adapter folder that does not fit the model it is loaded into. The message gives the reason."""
 
 
 def base_model_fingerprint(model: nn.Module) -> dict[str, str]:
@@ -38,8 +38,14 @@ def base_model_fingerprint(model: nn.Module) -> dict[str, str]:
     fields = {}
     if config is not None:
         keys = (
-            "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings",
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "max_position_embeddings",
         )
         fields = {key: getattr(config, key, None) for key in keys}
     config_hash = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -181,7 +187,9 @@ def _check_base_model(model: nn.Module, config: AdapterConfig, directory: Path) 
     if not expected:
         return
     actual = base_model_fingerprint(model)
-    mismatched = [key for key in ("config_sha256", "weights_sha256") if key in expected and expected[key] != actual[key]]
+    mismatched = [
+        key for key in ("config_sha256", "weights_sha256") if key in expected and expected[key] != actual[key]
+    ]
     if mismatched:
         raise AdapterLoadError(
             f"adapter {directory} was trained on base model {expected.get('name')!r} "
