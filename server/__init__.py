@@ -1,0 +1,1 @@
+"""The rank-elastic inference server: ``matlora serve``."""

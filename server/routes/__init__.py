@@ -1,0 +1,1 @@
+"""HTTP routes: the probes and metrics, ``/generate``, and the OpenAI-compatible API."""
