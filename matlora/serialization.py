@@ -80,7 +80,7 @@ def save_adapter(
         for part in ("lora_A", "lora_B"):
             tensor = getattr(weights, part).detach()
             tensors[f"{_PREFIX}{name}.{part}.weight"] = (tensor.to(dtype) if dtype else tensor).contiguous().cpu()
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    _save_readable(tensors, directory / WEIGHTS_NAME)
     configs[adapter_name].save(directory)
     return directory
 
@@ -163,7 +163,7 @@ def export_peft(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    _save_readable(tensors, out_dir / WEIGHTS_NAME)
     peft_config = {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -180,6 +180,13 @@ def export_peft(
     }
     (out_dir / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    # safetensors creates the file readable by its owner only; a server running as another
+    # user (a container's non-root user, say) must be able to read it.
+    path.chmod(0o644)
 
 
 def _check_base_model(model: nn.Module, config: AdapterConfig, directory: Path) -> None:

@@ -1,18 +1,13 @@
-"""The embedded SmolLM2-135M base through ``matlora serve``: the bundled adapter, or a random one until it exists."""
+"""The embedded SmolLM2-135M base with the bundled adapter, through ``matlora serve`` with no flags."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from matlora import AdapterConfig, inject_adapter, save_adapter
-from matlora.base_model import load_base
-from matlora.model import iter_adapter_weights
-from server.settings import BUNDLED_ADAPTER_DIR, BUNDLED_ADAPTER_NAME
+from server.settings import BUNDLED_ADAPTER_NAME
 from tests.server.conftest import ProcessServer
 from tests.server.test_batching import post_all
 
@@ -21,27 +16,22 @@ pytestmark = pytest.mark.slow
 QUESTION = "What is 47 plus 38?"
 
 
-def random_smollm2_adapter(directory: Path) -> Path:
-    """A rank-16 adapter on all seven projections, the bundled adapter's shape, with random weights."""
-    model, _ = load_base("smollm2-135m", dtype="float32", device="cpu")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    inject_adapter(model, AdapterConfig(r=16, target_modules=targets, lora_alpha=16.0), BUNDLED_ADAPTER_NAME)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, weights in iter_adapter_weights(model, BUNDLED_ADAPTER_NAME):
-            weights.lora_B.copy_(torch.randn(weights.lora_B.shape, generator=generator) * 0.02)
-    return save_adapter(model, directory, BUNDLED_ADAPTER_NAME)
-
-
 @pytest.fixture(scope="module")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
+    """``matlora serve`` with no base or adapter flags: the embedded base and the bundled adapter."""
     work = tmp_path_factory.mktemp("smollm2")
-    args = ["--max-batch-size", "8", "--rank-policy", "max"]
-    if not (BUNDLED_ADAPTER_DIR / "adapter_config.json").is_file():
-        # TODO: drop this branch once the bundled adapter is committed.
-        args += ["--adapter", f"{BUNDLED_ADAPTER_NAME}={random_smollm2_adapter(work / 'adapter')}"]
-    with ProcessServer(work / "server.log", *args) as server:
+    with ProcessServer(work / "server.log", "--max-batch-size", "8", "--rank-policy", "max") as server:
         yield server
+
+
+def test_bundled_adapter_answers_arithmetic(smollm2_server: ProcessServer) -> None:
+    body = {"prompt": QUESTION, "chat": True, "rank": 8, "max_new_tokens": 8}
+    answer = httpx.post(f"{smollm2_server.url}/generate", json=body, timeout=120)
+
+    assert answer.status_code == 200
+    assert answer.json()["text"] == "85"
+    assert answer.json()["finish_reason"] == "stop"
+    assert answer.headers["x-matlora-rank"] == "8"
 
 
 def test_serves_default_base(smollm2_server: ProcessServer) -> None:
