@@ -226,3 +226,8 @@ def test_inject_into_plain_module():
     assert isinstance(net[0], matlora.MatryoshkaLinear)
     with at_rank(1):
         assert net(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_saved_weights_are_readable_by_other_users(saved_adapter):
+    _, directory = saved_adapter
+    assert (directory / WEIGHTS_NAME).stat().st_mode & 0o777 == 0o644

@@ -1,7 +1,12 @@
-"""AURAC on curves whose area is worked out by hand."""
+"""AURAC on curves whose area is worked out by hand, and the served update norms."""
 
 import pytest
+import torch
 
+from matlora import AdapterConfig, inject_adapter
+from matlora.model import iter_adapter_weights
+from matlora.testing import build_tiny_model
+from trainer.evaluate import update_norms
 from trainer.metrics import aurac
 
 
@@ -40,3 +45,23 @@ def test_needs_two_adapter_ranks():
 def test_lengths_must_match():
     with pytest.raises(ValueError, match="got 3 ranks but 2 accuracies"):
         aurac([1, 2, 4], [0.1, 0.5])
+
+
+def test_update_norms_match_explicit_matrices():
+    model = build_tiny_model(vocab_size=32)
+    inject_adapter(model, AdapterConfig(r=4, target_modules=["q_proj"], train_ranks=[1, 2, 4]))
+    with torch.no_grad():
+        for _, weights in iter_adapter_weights(model, "default"):
+            weights.lora_B.normal_()
+
+    for scaling in ("keep_p", "drop_p"):
+        norms = update_norms(model, [0, 2, 4], inference_scaling=scaling)
+        expected = [0.0]
+        for rank in (2, 4):
+            squared = 0.0
+            for _, weights in iter_adapter_weights(model, "default"):
+                scale = torch.as_tensor(weights.spec.prefix_scale(rank, scaling)).expand(rank)
+                update = weights.lora_B[:, :rank] @ torch.diag(scale) @ weights.lora_A[:rank]
+                squared += float(update.double().pow(2).sum())
+            expected.append(squared**0.5)
+        assert norms == pytest.approx(expected, rel=1e-5)
