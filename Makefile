@@ -42,7 +42,7 @@ adapter: install
 	$(BIN)/matlora train --data $(ARITH_DATA) --out $(ADAPTER_DIR) --method matryoshka --rank 16 \
 		--train-ranks 1,2,4,8,16 --scaling sqrt --inference-scaling keep_p \
 		--target-modules q_proj,v_proj,up_proj,down_proj --lr 1e-3 --batch-size 16 --max-steps 300 \
-		--seed 0 --save-dtype bfloat16
+		--seed 0 --save-dtype bfloat16 --overwrite
 	$(BIN)/matlora eval --adapter $(ADAPTER_DIR) --data $(ARITH_DATA) --ranks all --limit 200 \
 		--inference-scaling keep_p --label "arith, P kept" --out $(ADAPTER_DIR)/report.json
 	$(BIN)/matlora eval --adapter $(ADAPTER_DIR) --data $(ARITH_DATA) --ranks 1,2,4,8,16 --limit 200 \

@@ -471,6 +471,8 @@ def train_command(spec: dict[str, Any], run_dir: Path) -> list[str]:
         "--eval-fraction", repr(EVAL_FRACTION),
         "--dtype", spec["dtype"],
         "--logging-steps", "10",
+        # A run that stopped after saving its weights is trained again from the start.
+        "--overwrite",
     ]  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -34,6 +35,17 @@ def parse_ranks(value: str) -> tuple[int | str | None, ...]:
         item = item.strip()
         ranks.append(None if item == "default" else parse_rank(item))
     return tuple(ranks)
+
+
+def finite_float(value: str) -> float:
+    """Parse a number that JSON can carry: not NaN and not infinite."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a number") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a finite number")
+    return number
 
 
 def positive_float(value: str) -> float:
@@ -86,7 +98,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, help="maximum number of tokens to generate (default: the server's)"
     )
-    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 for greedy (default: the server's)")
+    parser.add_argument(
+        "--temperature", type=finite_float, help="sampling temperature, 0 for greedy (default: the server's)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="adapter rank 0..R (0 is the base model alone) or 'auto' (default: the server's rank policy)",
     )
     _add_sampling_arguments(ask)
-    ask.add_argument("--top-p", type=float, help="nucleus sampling probability mass, 0 < p <= 1")
+    ask.add_argument("--top-p", type=finite_float, help="nucleus sampling probability mass, 0 < p <= 1")
     ask.add_argument(
         "--stop", action="append", metavar="TEXT", help="stop generating at this text (repeat for several)"
     )
@@ -160,6 +174,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prompts",
         metavar="FILE",
         help="prompts, one per line, or a .jsonl file with a 'prompt' field (default: built-in arithmetic questions)",
+    )
+    loadgen.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompts as given, without the chat template (default: through the chat template)",
     )
     _add_sampling_arguments(loadgen)
     loadgen.set_defaults(max_new_tokens=16)
@@ -293,6 +312,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         adapter=args.adapter,
         stream=args.stream,
+        chat=not args.raw,
         arrival=args.arrival,
         seed=args.seed,
         timeout=args.timeout,
@@ -305,4 +325,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
     if args.json:
         report.write_json(args.json)
         sys.stderr.write(f"wrote {len(report.records)} request records to {args.json}\n")
+    if report.records and not any(record.ok for record in report.records):
+        sys.stderr.write("error: no request succeeded; see the counts by status above\n")
+        return 1
     return 0

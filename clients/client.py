@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -109,9 +110,17 @@ def build_generate_body(
 ) -> dict[str, Any]:
     """Build the JSON body of ``POST /generate``, leaving out the fields that are None.
 
-    Values are not checked here because the server checks each one and responds with 422
-    naming the field. A single ``stop`` string is sent as a one-element list.
+    Ranges are not checked here because the server checks each value and responds with 422
+    naming the field. Only values that JSON cannot carry raise here: a NaN or infinite
+    ``temperature`` or ``top_p`` (ValueError) and a ``stop`` that is not text (TypeError).
+    A single ``stop`` string is sent as a one-element list.
     """
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, Sequence) or not all(isinstance(item, str) for item in stop):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
     body: dict[str, Any] = {"prompt": prompt}
     optional = {
         "rank": rank,

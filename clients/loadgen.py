@@ -57,12 +57,13 @@ class LoadConfig:
     temperature: float | None = None
     adapter: str | None = None
     stream: bool = False
+    # Send prompts through the server's chat template, as the bundled adapter was trained.
+    chat: bool = True
     arrival: Literal["poisson", "constant"] = "poisson"
     seed: int = 0
     timeout: float = 120.0
-    # NOTE: the HTTP API does not yet name a replica header, so this default is a proposal.
-    # Behind nginx, `add_header X-Upstream-Addr $upstream_addr always;` with
-    # replica_header="x-upstream-addr" names the replica without any server support.
+    # Every matlora replica names itself in this header; behind nginx, "x-matlora-upstream"
+    # names the upstream address that nginx picked.
     replica_header: str = "x-matlora-replica"
     api_key: str | None = field(default=None, repr=False)
 
@@ -277,6 +278,7 @@ async def _generate(
         "adapter": config.adapter,
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
+        "chat": True if config.chat else None,
     }
     prompt = config.prompts[record.prompt_index]
     if not config.stream:

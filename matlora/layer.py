@@ -150,6 +150,8 @@ class RankPlan:
 
     groups: tuple[RowGroup, ...]
     inference_scaling: str | None = None
+    # Rows the plan was built for when ranks or adapters were given per row; None for one rank for all.
+    batch_size: int | None = None
 
     @classmethod
     def build(
@@ -179,12 +181,12 @@ class RankPlan:
             rows_by_key.setdefault((adapter, int(rank)), []).append(row)
         if len(rows_by_key) == 1:
             (adapter, rank), _ = rows_by_key.popitem()
-            return cls((RowGroup(adapter, rank, None),), inference_scaling)
+            return cls((RowGroup(adapter, rank, None),), inference_scaling, len(rank_list))
         groups = tuple(
             RowGroup(adapter, rank, torch.tensor(rows, dtype=torch.long))
             for (adapter, rank), rows in rows_by_key.items()
         )
-        return cls(groups, inference_scaling)
+        return cls(groups, inference_scaling, len(rank_list))
 
 
 def _check_rank(rank: object) -> None:
@@ -205,7 +207,9 @@ def at_rank(
 
     ``ranks`` is one int for the whole batch or one per batch row; ``adapter`` likewise.
     The plan lives in a context variable, so it is private to the calling thread or
-    asyncio task.
+    asyncio task. Batch rows are dim 0 of every adapted layer's input, as in transformers'
+    decoder models. NOTE: a model that flattens batch and sequence into one dim before its
+    linear layers supports one rank for the whole batch only.
 
     Example:
         >>> with at_rank([1, 8, 0]):  # row 0 at rank 1, row 1 at rank 8, row 2 the base model
@@ -350,6 +354,11 @@ class MatryoshkaLinear(nn.Module):
         if plan is None:
             return result + self._training_delta(x).to(result.dtype)
 
+        if plan.batch_size is not None and plan.batch_size != x.shape[0]:
+            raise ValueError(
+                f"at_rank was given {plan.batch_size} per-row ranks or adapters, but the batch has "
+                f"{x.shape[0]} rows; give one per row, or a single int rank for the whole batch"
+            )
         for group in plan.groups:
             # An adapter that targets other layers leaves this one as the base layer.
             if group.rank == 0 or group.adapter not in self.adapters:

@@ -126,6 +126,7 @@ def _register_train(subparsers) -> None:
     parser.add_argument(
         "--logging-steps", type=int, default=10, help="log the training loss every N steps (default: 10)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     parser.set_defaults(handler=_run_train)
 
 
@@ -157,6 +158,7 @@ def _run_train(args: argparse.Namespace) -> int:
         save_dtype=args.save_dtype,
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
+        overwrite=args.overwrite,
     )
     run_training(options)
     return 0

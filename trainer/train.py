@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from matlora.base_model import load_base, parse_dtype
-from matlora.config import AdapterConfig
+from matlora.config import CONFIG_NAME, AdapterConfig, AdapterConfigError
 from matlora.layer import DEFAULT_ADAPTER, at_rank
 from matlora.model import inject_adapter
 from matlora.serialization import base_model_fingerprint, save_adapter
@@ -66,6 +66,36 @@ class TrainOptions:
     save_dtype: str = "float32"
     save_steps: int = 0
     logging_steps: int = 10
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError listing every invalid option, before anything is loaded or written."""
+        problems = []
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and not self.epochs > 0:
+            problems.append(
+                f"give max_steps > 0 or epochs > 0, got max_steps {self.max_steps} and epochs {self.epochs}"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.save_steps < 0:
+            problems.append(f"save_steps must be >= 0, got {self.save_steps}")
+        if (Path(self.out) / CONFIG_NAME).exists() and not self.overwrite:
+            problems.append(
+                f"{self.out} already holds an adapter; pass --overwrite to replace it, or pick another --out"
+            )
+        try:
+            self.adapter_config(fingerprint={})
+        except AdapterConfigError as error:
+            problems.extend(line.strip("- ") for line in str(error).splitlines()[1:])
+        if problems:
+            raise ValueError("invalid training options:\n  - " + "\n  - ".join(problems))
 
     def adapter_config(self, fingerprint: dict[str, str]) -> AdapterConfig:
         return AdapterConfig(
@@ -122,8 +152,10 @@ class HierarchicalTrainer(Trainer):
 def run_training(options: TrainOptions) -> Path:
     """Train an adapter, save it with its split and training log in ``options.out``, return the folder."""
     started = time.perf_counter()
+    options.validate()
+    # Reading and splitting the data is cheap, so bad files fail before the model loads.
+    examples, split = split_examples(options.data, options.seed, options.eval_fraction)
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
 
     model, tokenizer = load_base(options.base, dtype=options.dtype)
@@ -142,7 +174,7 @@ def run_training(options: TrainOptions) -> Path:
         trainable,
     )
 
-    examples, split = split_examples(options.data, options.seed, options.eval_fraction)
+    out.mkdir(parents=True, exist_ok=True)
     split.save(out)
     formatter = PromptFormatter(tokenizer)
     train_set = CompletionDataset([examples[index] for index in split.train], formatter)
@@ -162,7 +194,7 @@ def run_training(options: TrainOptions) -> Path:
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
     wall_seconds = time.perf_counter() - started
-    _write_training_log(out, options, trainer, result.training_loss, wall_seconds)
+    _write_training_log(out, options, trainer, result.training_loss, wall_seconds, model.dtype)
     logger.info("saved the adapter to %s (%.0f s in all)", out, wall_seconds)
     return out
 
@@ -191,9 +223,12 @@ def _training_arguments(options: TrainOptions, out: Path) -> TrainingArguments:
     )
 
 
-def _write_training_log(out: Path, options: TrainOptions, trainer: Trainer, loss: float, wall_seconds: float) -> None:
+def _write_training_log(
+    out: Path, options: TrainOptions, trainer: Trainer, loss: float, wall_seconds: float, dtype: torch.dtype
+) -> None:
     body = {
         "options": asdict(options),
+        "base_dtype": str(dtype).removeprefix("torch."),
         "final_training_loss": loss,
         "global_steps": trainer.state.global_step,
         "wall_seconds": round(wall_seconds, 1),

@@ -322,3 +322,14 @@ def test_async_list_models_and_ready(server):
 def test_build_body_sends_chat_flag():
     assert build_generate_body("hi", chat=True)["chat"] is True
     assert "chat" not in build_generate_body("hi")
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_build_body_rejects_non_finite_numbers(field):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number, got nan"):
+        build_generate_body("hi", **{field: float("nan")})
+
+
+def test_build_body_rejects_stop_of_wrong_type():
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings, got 5"):
+        build_generate_body("hi", stop=5)

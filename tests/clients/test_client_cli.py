@@ -188,9 +188,10 @@ def test_loadgen_writes_report(routed, tmp_path, capsys):
     assert report["summary"]["status_counts"] == {"200": 10}
     assert report["config"]["max_new_tokens"] == 2
     assert {tuple(body.keys()) for body in routed.json_bodies()} <= {
-        ("prompt", "rank", "max_new_tokens"),
-        ("prompt", "max_new_tokens"),
+        ("prompt", "rank", "max_new_tokens", "chat"),
+        ("prompt", "max_new_tokens", "chat"),
     }
+    assert all(body["chat"] is True for body in routed.json_bodies())
     assert {body.get("rank") for body in routed.json_bodies()} <= {4, "auto", None}
 
     table = capsys.readouterr().out
@@ -215,3 +216,19 @@ def test_clients_do_not_import_torch():
         "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_ask_rejects_nan_temperature(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["ask", "hi", "--temperature", "nan"])
+    assert caught.value.code == 2
+    assert "invalid value 'nan': expected a finite number" in capsys.readouterr().err
+
+
+def test_loadgen_fails_when_no_request_succeeds(routed, capsys):
+    routed.default = routed.json_reply(422, {"error": {"type": "invalid_request", "message": "bad rank", "field": "rank"}})
+    code = main(["loadgen", "--url", "http://matlora.test", "--rate", "200", "--duration", "0.02", "--raw"])
+
+    assert code == 1
+    assert "no request succeeded" in capsys.readouterr().err
+    assert all("chat" not in body for body in routed.json_bodies())

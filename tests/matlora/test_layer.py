@@ -282,3 +282,12 @@ def test_rows_of_adapter_missing_on_layer_get_base_output():
     with torch.no_grad(), at_rank([4, 4], adapter=["default", "elsewhere"]):
         mixed = layer(x)
     torch.testing.assert_close(mixed[1], layer.base_layer(x[1:])[0])
+
+
+def test_per_row_ranks_must_match_batch():
+    layer = make_layer()
+    with (
+        at_rank([4, 8]),
+        pytest.raises(ValueError, match="at_rank was given 2 per-row ranks or adapters, but the batch has 3 rows"),
+    ):
+        layer(torch.randn(3, IN_FEATURES))

@@ -183,3 +183,23 @@ def test_console_script_runs(tmp_path):
         [sys.executable, "-m", "matlora", "train", "--help"], capture_output=True, text=True, check=True
     )
     assert "--train-ranks" in result.stdout
+
+
+def test_train_refuses_to_overwrite_adapter(trained, tiny_model_dir, addition_task, capsys):
+    with pytest.raises(SystemExit) as caught:
+        train(tiny_model_dir, addition_task, trained)
+    assert caught.value.code == 2
+    assert "already holds an adapter; pass --overwrite to replace it" in capsys.readouterr().err
+
+
+def test_train_checks_options_before_loading(addition_task, tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit):
+        main([
+            "train", "--base", str(tmp_path / "no-such-model"), "--data", str(addition_task), "--out", str(out),
+            "--lr", "-1", "--eval-fraction", "1.5",
+        ])  # fmt: skip
+    error = capsys.readouterr().err
+    assert "learning_rate must be > 0, got -1.0" in error
+    assert "eval_fraction must be in [0, 1), got 1.5" in error
+    assert not out.exists()
