@@ -247,10 +247,11 @@ class AdapterWeights(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.register_buffer("p", spec.p().to(device=device), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Inference copies of the weights by (inference scaling, dtype): lora_A, and lora_B with
-        # the keep_p diagonal folded in. Each is tagged with the weights' version counters, so
-        # an optimizer step or a load rebuilds it on next use.
-        self._inference_weights: dict[tuple[str, torch.dtype], tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+        # Inference weights by (inference scaling, dtype, rank): the rank-k views of lora_A and of
+        # lora_B with the keep_p diagonal folded in, and the scalar part of c_k. Each entry is
+        # tagged with the weights' version counters and device, so an optimizer step, a load or
+        # a move rebuilds it on next use.
+        self._inference_weights: dict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor, float]]] = {}
 
     def training_delta(self, x: torch.Tensor) -> torch.Tensor:
         """((x A^T) * p) B^T at full rank, the function the method trains."""
@@ -278,12 +279,11 @@ class AdapterWeights(nn.Module):
         # one step of the model's dtype, so the rounded delta does not depend on the batch,
         # and the few rows of a decode step keep float64 cheap.
         dtype = torch.float64 if x.dim() == 3 and x.shape[1] == 1 else self.lora_A.dtype
-        lora_a, folded_b = self._weights_for(mode, dtype)
-        hidden = F.linear(x.to(dtype), lora_a[:rank])  # (..., rank)
-        scale = self._scalar_scale(rank, mode)
+        lora_a, folded_b, scale = self._prefix_weights(rank, mode, dtype)
+        hidden = F.linear(x.to(dtype), lora_a)  # (..., rank)
         if scale != 1.0:
             hidden = hidden * scale
-        return F.linear(hidden, folded_b[:, :rank])
+        return F.linear(hidden, folded_b)
 
     def _scalar_scale(self, rank: int, mode: str) -> float:
         """The part of c_k not folded into lora_B: s(k) or s(max_rank), or 1 when c_k = p[:k]."""
@@ -296,19 +296,25 @@ class AdapterWeights(nn.Module):
         # so B * p serves every rank. The other cases scale by one number per rank.
         return mode == "keep_p" and self.spec.method in ("matryoshka", "nested")
 
-    def _weights_for(self, mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        version = (self.lora_A._version, self.lora_B._version)
-        cached = self._inference_weights.get((mode, dtype))
-        if cached is not None and cached[0] == version and cached[1].device == self.lora_A.device:
-            return cached[1], cached[2]
-        with torch.no_grad():
-            lora_a = self.lora_A.detach().to(dtype)
-            lora_b = self.lora_B.detach().to(dtype)
-            if self._folds_p(mode):
-                lora_b = lora_b * self.p.to(device=lora_b.device, dtype=dtype)
-            lora_b = lora_b.contiguous()
-        self._inference_weights[(mode, dtype)] = (version, lora_a, lora_b)
-        return lora_a, lora_b
+    def _prefix_weights(self, rank: int, mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Return lora_A[:k], lora_B[:, :k] (keep_p folded in) in ``dtype``, and the scalar scale."""
+        version = (self.lora_A._version, self.lora_B._version, self.lora_A.device)
+        cached = self._inference_weights.get((mode, dtype, rank))
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        full = self._inference_weights.get((mode, dtype, None))
+        if full is None or full[0] != version:
+            with torch.no_grad():
+                lora_a = self.lora_A.detach().to(dtype)
+                lora_b = self.lora_B.detach().to(dtype)
+                if self._folds_p(mode):
+                    lora_b = lora_b * self.p.to(device=lora_b.device, dtype=dtype)
+            full = (version, (lora_a, lora_b.contiguous(), 1.0))
+            self._inference_weights[(mode, dtype, None)] = full
+        lora_a, lora_b, _ = full[1]
+        prepared = (lora_a[:rank], lora_b[:, :rank], self._scalar_scale(rank, mode))
+        self._inference_weights[(mode, dtype, rank)] = (version, prepared)
+        return prepared
 
 
 class MatryoshkaLinear(nn.Module):
@@ -365,6 +371,8 @@ class MatryoshkaLinear(nn.Module):
                 continue
             adapter = self.adapters[group.adapter]
             if group.rows is None:
+                # Rounded to the output dtype before the sum, as in the row-group branch below,
+                # so a row gets the same bits alone and in a mixed batch.
                 delta = adapter.prefix_delta(x, group.rank, plan.inference_scaling).to(result.dtype)
                 # The base output is a fresh tensor, so adding in place is safe unless autograd records it.
                 result = result + delta if result.requires_grad else result.add_(delta)

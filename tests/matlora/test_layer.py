@@ -291,3 +291,15 @@ def test_per_row_ranks_must_match_batch():
         pytest.raises(ValueError, match="at_rank was given 2 per-row ranks or adapters, but the batch has 3 rows"),
     ):
         layer(torch.randn(3, IN_FEATURES))
+
+
+def test_decode_row_same_bits_alone_and_in_mixed_batch():
+    layer = make_layer().to(torch.bfloat16)
+    x = torch.randn(6, 1, IN_FEATURES, dtype=torch.bfloat16)
+    ranks = [8, 3, 8, 0, 5, 3]
+    with torch.no_grad():
+        with at_rank(ranks):
+            mixed = layer(x)
+        for row, rank in enumerate(ranks):
+            with at_rank(rank):
+                assert torch.equal(layer(x[row : row + 1])[0], mixed[row])
