@@ -117,5 +117,9 @@ def _allowed_values(settings: Settings) -> dict[str, str]:
         "max_completion_tokens": f"1..{settings.max_new_tokens_limit}",
         "seed": f"0..{MAX_SEED}",
         "stream": "true or false",
+        "chat": "true or false",
         "prompt": "a non-empty string",
+        "adapter": "the name of a loaded adapter",
+        "model": "an adapter name, NAME@RANK (e.g. arith@8) or NAME@auto",
+        "messages": "a list of 1 or more messages",
     }

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 
 from server.errors import AuthenticationError
 
@@ -22,3 +25,20 @@ def require_api_key(request: Request) -> None:
             "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+class AuthenticatedRoute(APIRoute):
+    """A route that checks the API key before FastAPI reads and parses the request body.
+
+    FastAPI runs dependencies only after parsing the body, so with a dependency a
+    malformed body without a key would get 422 rather than 401.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def authenticated_handler(request: Request) -> Response:
+            require_api_key(request)
+            return await handler(request)
+
+        return authenticated_handler

@@ -52,9 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), bfloat16, float16 or float32 "
         "(default: auto)",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
     parser.add_argument(
-        "--api-key", help="bearer token required by every route except /healthz and /readyz (default: none)"
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch in each worker (default: one per core, or with --workers N, "
+        "the number of cores divided by N, at least 1)",
+    )
+    parser.add_argument(
+        "--api-key",
+        help="bearer token required by every route except /healthz and /readyz (default: none). Other users "
+        "can read a flag with ps, so prefer the variable MATLORA_API_KEY",
     )
     parser.add_argument(
         "--metrics-auth",
@@ -111,7 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Check the settings, then run uvicorn until it is stopped."""
-    settings = _settings(args)
+    settings = _share_cores(_settings(args), _cpu_cores())
     settings.check_adapters()  # a missing or unfit adapter fails here, before any worker starts
     metrics_dir = _prepare_metrics_dir()
     try:
@@ -125,6 +132,7 @@ def _settings(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from server.settings import Settings
+    from server.validation import describe, field_bounds
 
     flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
     try:
@@ -132,13 +140,30 @@ def _settings(args: argparse.Namespace):
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            message = item["msg"].removeprefix("Value error, ")
-            name = ".".join(str(part) for part in item["loc"])
-            if name:
-                where = f"--{name.replace('_', '-')} or {ENV_PREFIX}{name.upper()}"
-                message = f"{name}: {message}, got {item.get('input')!r} ({where})"
+            problem = describe(item, field_bounds(Settings))
+            message = problem.message
+            if problem.field:
+                message += f" (--{problem.field.replace('_', '-')} or {ENV_PREFIX}{problem.field.upper()})"
             problems.append(message)
         raise ValueError("invalid settings:\n  - " + "\n  - ".join(problems)) from None
+
+
+def _share_cores(settings, cores: int):
+    """Give each of several workers ``cores // workers`` threads (at least 1) unless ``--threads`` is set.
+
+    Otherwise each worker process would start PyTorch's default of one thread per core,
+    and the workers' threads would contend for the same cores.
+    """
+    if settings.workers == 1 or settings.threads is not None:
+        return settings
+    return settings.model_copy(update={"threads": max(1, cores // settings.workers)})
+
+
+def _cpu_cores() -> int:
+    """Return the number of cores this process may run on (its CPU affinity where the OS reports it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _prepare_metrics_dir() -> Path | None:

@@ -32,6 +32,15 @@ def request_id_of(scope: Scope) -> str | None:
     return scope.get("state", {}).get("request_id")
 
 
+def note_error(scope: Scope, message: str) -> None:
+    """Keep the message of the error response sent for this request, for its access-log line."""
+    scope.setdefault("state", {})["error"] = message
+
+
+def noted_error(scope: Scope) -> str | None:
+    return scope.get("state", {}).get("error")
+
+
 def generation_record(scope: Scope) -> GenerationRecord:
     """Return the request's record, created on first use."""
     state = scope.setdefault("state", {})

@@ -18,11 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.context import request_id_of
+from server.context import note_error, request_id_of
+from server.validation import FieldProblem, describe, short_value
 
 logger = logging.getLogger(__name__)
-
-_MAX_VALUE_CHARS = 200
 
 
 class ApiError(Exception):
@@ -31,7 +30,8 @@ class ApiError(Exception):
     Args:
         message: a sentence that says what failed and what to do.
         field: the request field at fault, dotted for nested fields.
-        value: the value received (long values are cut in the response).
+        value: the value received (long values are cut, and NaN and infinities written as
+            strings, in the response).
         allowed: the values the field accepts, in words (``"0..16 or 'auto'"``), or a list of
             them (the loaded adapter names).
         headers: extra response headers (Retry-After, WWW-Authenticate).
@@ -68,6 +68,12 @@ class AdapterNotFoundError(ApiError):
     status_code = 404
     error_type = "adapter_not_found"
     openai_type = "invalid_request_error"
+
+
+class ModelNotFoundError(AdapterNotFoundError):
+    """An unknown id in ``GET /v1/models/{id}``, with OpenAI's error code for it."""
+
+    error_type = "model_not_found"
 
 
 class AuthenticationError(ApiError):
@@ -111,8 +117,8 @@ class GenerationError(ApiError):
 
 
 def error_body(error: ApiError, request_id: str | None, openai: bool) -> dict[str, Any]:
-    """Return the JSON body for ``error`` in the shape of the route family."""
-    value = _short(error.value)
+    """Return the body for ``error`` in the shape of the route family; it serializes as standard JSON."""
+    value = short_value(error.value)
     if openai:
         return {
             "error": {
@@ -131,6 +137,8 @@ def error_body(error: ApiError, request_id: str | None, openai: bool) -> dict[st
 
 
 def error_response(error: ApiError, request: Request) -> Response:
+    """Build the response for ``error`` and note its message for the access log."""
+    note_error(request.scope, error.message)
     openai = is_openai_path(request.url.path)
     status = 400 if openai and isinstance(error, InvalidRequestError) else error.status_code
     body = render_json(error_body(error, request_id_of(request.scope), openai))
@@ -155,7 +163,9 @@ def install_exception_handlers(app: FastAPI, allowed_by_field: Mapping[str, str]
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> Response:
         if error.status_code >= 500:
-            logger.error("request %s failed: %s", request_id_of(request.scope), error.message)
+            # A 503 is expected while the server drains for a shutdown, so it is no server fault.
+            level = logging.INFO if isinstance(error, UnavailableError) else logging.ERROR
+            logger.log(level, "request %s failed: %s", request_id_of(request.scope), error.message)
         return error_response(error, request)
 
     @app.exception_handler(RequestValidationError)
@@ -164,6 +174,9 @@ def install_exception_handlers(app: FastAPI, allowed_by_field: Mapping[str, str]
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 400 and error.__cause__ is not None:
+            # FastAPI raises a bare 400 "There was an error parsing the body" from the parser's exception.
+            return error_response(body_parse_error(error.__cause__), request)
         api_error = ApiError(str(error.detail), headers=dict(error.headers or {}))
         api_error.status_code = error.status_code
         api_error.error_type = "not_found" if error.status_code == 404 else "http_error"
@@ -186,57 +199,44 @@ def validation_error(
     The first error gives ``field``, ``value`` and ``allowed`` (from ``allowed_by_field``
     when it describes the field, else from the error); the message lists every error.
     """
-    described = [_describe(error, allowed_by_field or {}) for error in errors]
-    field, value, allowed, _ = described[0]
-    message = "; ".join(text for *_, text in described)
-    return InvalidRequestError(message, field=field, value=value, allowed=allowed)
+    problems = [_body_problem(error) or describe(error, allowed_by_field) for error in errors]
+    first = problems[0]
+    message = "; ".join(problem.message for problem in problems)
+    return InvalidRequestError(message, field=first.field, value=first.value, allowed=first.allowed)
 
 
-def _describe(error: dict[str, Any], allowed_by_field: Mapping[str, str]) -> tuple[str, Any, str | None, str]:
-    context = error.get("ctx") or {}
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
-    field = context.get("field") or ".".join(location) or "body"
-    value = context.get("value", error.get("input"))
-    allowed = allowed_by_field.get(field) or _allowed_from_context(context)
-    if error.get("type") == "json_invalid":
-        message = f"the request body is not valid JSON: {context.get('error', 'decode error')}"
-        return "body", None, "a JSON object", message
-    if field == "body" and error.get("type") in ("missing", "model_attributes_type", "dict_type"):
+def body_parse_error(cause: BaseException) -> InvalidRequestError:
+    """Describe why a request body could not be parsed, from the parser's exception."""
+    if isinstance(cause, UnicodeDecodeError):
+        offending = cause.object[cause.start : cause.start + 1].hex()
+        return InvalidRequestError(
+            f"the request body is not valid {cause.encoding.upper()}: {cause.reason} (byte 0x{offending} at "
+            f"offset {cause.start}); send JSON encoded as UTF-8",
+            field="body",
+            value=f"byte 0x{offending} at offset {cause.start}",
+            allowed="a JSON object encoded as UTF-8",
+        )
+    if isinstance(cause, RecursionError):
+        return InvalidRequestError(
+            "the request body nests arrays or objects too deeply for the JSON parser; request bodies need only "
+            "a few levels of nesting",
+            field="body",
+            allowed="a JSON object nested a few levels deep",
+        )
+    return InvalidRequestError(
+        f"the request body could not be parsed: {type(cause).__name__}: {cause}", field="body", allowed="a JSON object"
+    )
+
+
+def _body_problem(error: dict[str, Any]) -> FieldProblem | None:
+    """Describe an error of the body as a whole (not JSON, or not an object), else return None."""
+    kind = error.get("type")
+    if kind == "json_invalid":
+        position = error.get("loc", ("body", None))[-1]
+        detail = (error.get("ctx") or {}).get("error", "decode error")
+        message = f"the request body is not valid JSON: {detail} at character {position}"
+        return FieldProblem("body", None, "a JSON object", message)
+    if tuple(error.get("loc", ())) == ("body",) and kind in ("missing", "model_attributes_type", "dict_type"):
         message = "the request body must be a JSON object, sent with the header 'Content-Type: application/json'"
-        return field, _short(value), "a JSON object", message
-    if error.get("type") == "missing":
-        return field, None, allowed, f"{field}: field required"
-    if error.get("type") == "extra_forbidden":
-        return field, value, "no such field", f"{field}: unknown field; check its spelling"
-    if error.get("type") == "unknown_field":
-        return field, None, "no such field", error.get("msg", "unknown field")
-    text = f"{field}: {error.get('msg', 'invalid value')} (got {_short(value)!r})"
-    if allowed:
-        text += f"; allowed: {allowed}"
-    return field, value, allowed, text
-
-
-def _allowed_from_context(context: dict[str, Any]) -> str | None:
-    bounds = []
-    for key, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if key in context:
-            bounds.append(f"{symbol} {context[key]}")
-    if bounds:
-        return " and ".join(bounds)
-    if "allowed" in context:
-        return str(context["allowed"])
-    if "max_length" in context:
-        return f"at most {context['max_length']} items"
-    if "min_length" in context:
-        return f"at least {context['min_length']} items"
+        return FieldProblem("body", short_value(error.get("input")), "a JSON object", message)
     return None
-
-
-def _short(value: Any) -> Any:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if isinstance(value, str) and len(value) > _MAX_VALUE_CHARS:
-        return value[:_MAX_VALUE_CHARS] + f"... ({len(value)} characters)"
-    if isinstance(value, (dict, list)) and len(repr(value)) > _MAX_VALUE_CHARS:
-        return repr(value)[:_MAX_VALUE_CHARS] + "..."
-    return value

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 import matlora
 from matlora.base_model import default_device, load_base
@@ -46,7 +49,8 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = default_device() if settings.device == "auto" else torch.device(settings.device)
-    model, tokenizer = load_base(settings.base, dtype=settings.dtype, device=device)
+    with _no_progress_bars():
+        model, tokenizer = load_base(settings.base, dtype=settings.dtype, device=device)
     dtype = next(model.parameters()).dtype
 
     adapters = {}
@@ -83,3 +87,21 @@ def load_model(settings: Settings) -> LoadedModel:
         time.perf_counter() - started,
     )
     return LoadedModel(model, tokenizer, adapters, settings.base, dtype, device, context_length)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Turn off transformers' progress bars for the block.
+
+    Progress bars only clutter line-based server logs. Also, tqdm's first bar creates a
+    multiprocessing lock, which is a POSIX semaphore. It leaks when a uvicorn worker ends by
+    SIGTERM, because uvicorn re-raises the signal after its shutdown and the process dies
+    before multiprocessing's exit handlers can unlink the semaphore.
+    """
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()

@@ -17,7 +17,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import metrics
-from server.context import CLIENT_CLOSED_REQUEST, generation_record, request_id_of
+from server.context import CLIENT_CLOSED_REQUEST, generation_record, noted_error, request_id_of
 from server.errors import PayloadTooLargeError, error_body, is_openai_path, render_json
 from server.state import ServerState
 
@@ -32,6 +32,8 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 class RequestContextMiddleware:
     """Give each request an id (the client's ``x-request-id`` if valid), return it, and log one JSON line.
+
+    The line carries the message of the error response, if one was sent.
 
     Every response also names the replica in ``x-matlora-replica``.
 
@@ -92,6 +94,9 @@ class RequestContextMiddleware:
                 status = 500
             line.update(record.as_log_fields())
             _count(record.adapter, record.rank_used, status, seconds)
+        error = noted_error(scope)
+        if error is not None and line.get("error") is None:
+            line["error"] = error
         access_logger.info(json.dumps(line))
 
 

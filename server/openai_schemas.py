@@ -9,9 +9,10 @@ expressible as ``model: "name@rank"``).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.schemas import SamplingFields, check_prompt_text
@@ -60,12 +61,13 @@ class OpenAIRequest(SamplingFields):
             if name in _IGNORED:
                 continue
             if name not in _UNSUPPORTED_DEFAULTS:
-                raise PydanticCustomError("unknown_field", "unknown field {field}; check its spelling", {"field": name})
+                raise PydanticCustomError("unknown_field", "is not a known field; check its spelling", {"field": name})
             if value not in _UNSUPPORTED_DEFAULTS[name]:
-                allowed = " or ".join(repr(v) for v in _UNSUPPORTED_DEFAULTS[name])
+                *others, last = [json.dumps(v) for v in _UNSUPPORTED_DEFAULTS[name]]
+                allowed = f"{', '.join(others)} or {last}" if others else last
                 raise PydanticCustomError(
                     "unsupported_field",
-                    "{field} is not supported by this server; send it as {allowed} or leave it out",
+                    "is not supported by this server; send {allowed}, or leave it out",
                     {"field": name, "allowed": allowed, "value": value},
                 )
         return self
@@ -75,24 +77,40 @@ class OpenAIRequest(SamplingFields):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-class CompletionRequest(OpenAIRequest):
-    """Body of ``POST /v1/completions``."""
+def _one_prompt(value: Any) -> str:
+    """Return the prompt from a string or a list of one string, and raise for any other value.
 
-    prompt: str | list[str]
-    max_tokens: int | None = Field(OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1)
+    Checking the type here gives one error rather than one per member of ``str | list[str]``.
+    """
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise PydanticCustomError(
+            "prompt_type",
+            "must be a string or a list of one string",
+            {"allowed": "a non-empty string, or a list of one"},
+        )
+    return check_prompt_text(value)
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise PydanticCustomError(
-                    "prompt_count",
-                    "prompt lists must hold exactly one prompt",
-                    {"allowed": "a string or a list of one"},
-                )
-            value = value[0]
-        return check_prompt_text(value)
+
+def _is_text_part(part: Any) -> bool:
+    return (
+        isinstance(part, dict)
+        and part.keys() == {"type", "text"}
+        and part["type"] == "text"
+        and isinstance(part["text"], str)
+    )
+
+
+def _check_content_type(value: Any) -> Any:
+    """Reject content that is neither a string nor a list of text parts, with one error rather than one per member."""
+    if isinstance(value, str) or (isinstance(value, list) and all(_is_text_part(part) for part in value)):
+        return value
+    raise PydanticCustomError(
+        "content_type",
+        "must be a string or a list of text parts",
+        {"allowed": 'a string, or a list of {"type": "text", "text": "..."} parts'},
+    )
 
 
 class TextPart(BaseModel):
@@ -102,17 +120,41 @@ class TextPart(BaseModel):
     text: str
 
 
+class CompletionRequest(OpenAIRequest):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: Annotated[str | list[str], BeforeValidator(_one_prompt)]
+    max_tokens: int | None = Field(OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1)
+
+
 class ChatMessage(BaseModel):
+    """One message of a conversation. A user message must contain text; other roles may be empty."""
+
     model_config = ConfigDict(strict=True, extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Annotated[str | list[TextPart], BeforeValidator(_check_content_type)]
     name: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _user_content_has_text(cls, content: str | list[TextPart], info: ValidationInfo) -> str | list[TextPart]:
+        if info.data.get("role") == "user" and not _text_of(content).strip():
+            raise PydanticCustomError(
+                "content_empty",
+                "must contain text in a user message, not only whitespace",
+                {"allowed": "a non-empty string"},
+            )
+        return content
+
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        return _text_of(self.content)
+
+
+def _text_of(content: str | list[TextPart]) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -123,14 +165,30 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
+    def _some_message_has_text(self) -> ChatCompletionRequest:
+        if not any(message.text().strip() for message in self.messages):
+            raise PydanticCustomError(
+                "messages_empty",
+                "must contain at least one message with text; every message is empty",
+                {"field": "messages", "allowed": "1 or more messages, at least one with text"},
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_token_limit(self) -> ChatCompletionRequest:
-        if self.max_tokens is not None and self.max_completion_tokens is not None:
-            if self.max_tokens != self.max_completion_tokens:
-                raise PydanticCustomError(
-                    "conflicting_limits",
-                    "max_tokens ({max_tokens}) and max_completion_tokens ({max_completion_tokens}) differ; send one",
-                    {"max_tokens": self.max_tokens, "max_completion_tokens": self.max_completion_tokens},
-                )
+        if self.max_tokens is None or self.max_completion_tokens is None:
+            return self
+        if self.max_tokens != self.max_completion_tokens:
+            raise PydanticCustomError(
+                "conflicting_limits",
+                "must equal max_tokens ({max_tokens}) when both are sent; send only one of them",
+                {
+                    "field": "max_completion_tokens",
+                    "value": self.max_completion_tokens,
+                    "max_tokens": self.max_tokens,
+                    "allowed": f"{self.max_tokens} (the value of max_tokens), or leave one of them out",
+                },
+            )
         return self
 
     @property

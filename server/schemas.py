@@ -4,7 +4,8 @@ Types are strict: ``"5"`` is not a number and ``2.0`` is not an integer, so no v
 client sent is silently converted. Unknown fields are rejected, so a misspelt option
 is an error rather than ignored. Limits that depend on the loaded adapter or the
 server's settings (rank range, ``max_new_tokens`` limit, prompt length) are checked by
-the service, which has the adapters and settings.
+the service, which has the adapters and settings. Custom error messages read after the
+field name (``server.validation`` puts them together).
 """
 
 from __future__ import annotations
@@ -24,21 +25,25 @@ def _check_rank_type(value: Any) -> Any:
     if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     raise PydanticCustomError(
-        "rank_type", "rank must be an integer or 'auto'", {"allowed": "an integer 0..max rank, or 'auto'"}
+        "rank_type", "must be an integer or 'auto'", {"allowed": "an integer 0..max rank, or 'auto'"}
     )
 
 
 def _check_stop(value: Any) -> Any:
+    if value is None:
+        return value
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list):
-        return stops  # the type check that follows reports it
     allowed = f"1 to {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters"
-    if any(isinstance(stop, str) and not stop for stop in stops):
-        raise PydanticCustomError("stop_empty", "stop strings must not be empty", {"allowed": allowed})
-    if any(isinstance(stop, str) and len(stop) > MAX_STOP_CHARS for stop in stops):
+    if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
+        raise PydanticCustomError(
+            "stop_type", "must be a string or a list of strings", {"allowed": f"a string, or a list of {allowed}"}
+        )
+    if not all(stops):
+        raise PydanticCustomError("stop_empty", "must not contain empty strings", {"allowed": allowed})
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
         raise PydanticCustomError(
             "stop_too_long",
-            "stop strings must have at most {max} characters",
+            "must contain strings of at most {max} characters",
             {"max": MAX_STOP_CHARS, "allowed": allowed},
         )
     return stops
@@ -64,7 +69,7 @@ class SamplingFields(BaseModel):
 def check_prompt_text(value: str) -> str:
     if not value.strip():
         raise PydanticCustomError(
-            "prompt_empty", "prompt must contain text, not only whitespace", {"allowed": "a non-empty string"}
+            "prompt_empty", "must contain text, not only whitespace", {"allowed": "a non-empty string"}
         )
     return value
 

@@ -45,7 +45,8 @@ class GenerationOptions:
     """A request's generation options, whatever route it came from.
 
     The ``*_field`` names are the route's names for the options, used in error messages
-    (``max_tokens`` on the OpenAI routes, ``max_new_tokens`` on ``/generate``).
+    (``max_tokens`` on the OpenAI routes, ``max_new_tokens`` on ``/generate``). ``model``
+    is the OpenAI model id when the rank came from it (``arith@8``).
     """
 
     adapter: str | None = None
@@ -58,6 +59,7 @@ class GenerationOptions:
     adapter_field: str = "adapter"
     rank_field: str = "rank"
     max_new_tokens_field: str = "max_new_tokens"
+    model: str | None = None
 
 
 class GenerationService:
@@ -142,7 +144,7 @@ class GenerationService:
         record.adapter = adapter.name
         record.rank_requested = options.rank
         record.prompt_tokens = len(prompt_ids)
-        self._check_rank(adapter, options.rank, options.rank_field)
+        self._check_rank(adapter, options)
         max_new_tokens = self._max_new_tokens(len(prompt_ids), options)
 
         load = Load(self.engine.waiting_count, self.engine.running_count, self.engine.max_batch_size)
@@ -169,7 +171,9 @@ class GenerationService:
         prompt_ids = self.encode_prompt(WARMUP_PROMPT)
         for adapter in self.adapters.values():
             for rank in sorted({0, adapter.max_rank}):
-                request = GenerationRequest(f"warmup-{adapter.name}-{rank}", prompt_ids, adapter.name, rank, 2)
+                request = GenerationRequest(
+                    f"warmup-{adapter.name}-{rank}", prompt_ids, adapter.name, rank, max_new_tokens=2, warmup=True
+                )
                 await self.engine.submit(request).wait()
 
     def _tokenize(self, text: str, field: str, add_special_tokens: bool) -> list[int]:
@@ -200,15 +204,26 @@ class GenerationService:
             )
         return prompt_ids
 
-    def _check_rank(self, adapter: AdapterInfo, rank: int | str | None, field: str) -> None:
-        if isinstance(rank, int) and not 0 <= rank <= adapter.max_rank:
+    def _check_rank(self, adapter: AdapterInfo, options: GenerationOptions) -> None:
+        rank = options.rank
+        if not isinstance(rank, int) or 0 <= rank <= adapter.max_rank:
+            return
+        name, max_rank = adapter.name, adapter.max_rank
+        if options.model is not None:
             raise InvalidRequestError(
-                f"{field} must be in 0..{adapter.max_rank} for adapter {adapter.name!r} (0 is the base model) "
-                f"or 'auto', got {rank}",
-                field=field,
-                value=rank,
-                allowed=f"0..{adapter.max_rank} or 'auto'",
+                f"the rank in model {options.model!r} is out of range: adapter {name!r} serves ranks 0..{max_rank} "
+                f"(0 is the base model); use {name}@0 to {name}@{max_rank}, or {name}@auto",
+                field=options.rank_field,
+                value=options.model,
+                allowed=f"{name}@0..{name}@{max_rank} or {name}@auto",
             )
+        raise InvalidRequestError(
+            f"{options.rank_field} is out of range: got {rank}, allowed 0..{max_rank} for adapter {name!r} "
+            "(0 is the base model) or 'auto'",
+            field=options.rank_field,
+            value=rank,
+            allowed=f"0..{max_rank} or 'auto'",
+        )
 
     def _max_new_tokens(self, prompt_tokens: int, options: GenerationOptions) -> int:
         """Return the requested token budget after checking it against the limits, or the largest allowed one."""
@@ -261,6 +276,12 @@ async def collect(
     record.completion_tokens = result.completion_tokens
     record.finish_reason = result.finish_reason
     return result
+
+
+def log_stream_error(error: EngineError, request_id: str) -> None:
+    """Log the engine error that ended a stream: at INFO for a shutdown, which is expected, else at WARNING."""
+    level = logging.INFO if isinstance(error, EngineStoppedError) else logging.WARNING
+    logger.log(level, "stream of request %s ended with an error: %s", request_id, error)
 
 
 def to_api_error(error: EngineError) -> ApiError:

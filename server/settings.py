@@ -35,7 +35,12 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes, each with its own copy of the model")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     dtype: str = Field("auto", description="'auto' (bfloat16 on CUDA and on CPUs with native bf16), or a dtype name")
-    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: PyTorch's choice)")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for PyTorch in each worker (default: PyTorch's choice; matlora serve gives each "
+        "of several workers the number of cores divided by the number of workers)",
+    )
     api_key: SecretStr | None = Field(None, description="bearer token every route but /healthz and /readyz requires")
     metrics_auth: bool = Field(True, description="whether /metrics requires the API key too")
     max_new_tokens_limit: int = Field(512, ge=1)

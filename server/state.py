@@ -19,6 +19,8 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 _DRAIN_POLL_SECONDS = 0.05
+# Max seconds that the requests failed at the graceful timeout get to send their 503 before uvicorn stops.
+_ABORT_GRACE_SECONDS = 2.0
 
 
 @dataclass
@@ -77,13 +79,11 @@ class DrainOnSigterm:
 
     async def _drain(self, signum: int, frame) -> None:
         started = time.monotonic()
-        while not self.is_idle() and time.monotonic() - started < self.timeout:
-            await asyncio.sleep(_DRAIN_POLL_SECONDS)
+        await _wait_until(self.is_idle, self.timeout)
         if not self.is_idle():
             logger.warning("graceful timeout of %.0f s passed: failing the requests still in flight", self.timeout)
             self.abort()
-            # Give the failed requests a moment to send their 503 before the listener closes.
-            await asyncio.sleep(0.5)
+            await _wait_until(lambda: self.state.active_generations == 0, _ABORT_GRACE_SECONDS)
         logger.info("drain finished in %.1f s; shutting down", time.monotonic() - started)
         self._exit(signum, frame)
 
@@ -94,3 +94,10 @@ class DrainOnSigterm:
         else:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.raise_signal(signal.SIGTERM)
+
+
+async def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    """Return when ``condition()`` is true or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(_DRAIN_POLL_SECONDS)

@@ -1,8 +1,11 @@
 """The generation engine: one worker thread that owns the model and batches continuously.
 
 Requests arrive from the asyncio event loop with :meth:`Engine.submit` and wait in a
-bounded queue. At every iteration the worker admits waiting requests into the running
-batch (prefilling each prompt), then runs one decode step for every running row.
+bounded queue. At every iteration the worker admits waiting requests into the batch,
+prefills each new prompt, then runs one decode step for every running row. From
+:meth:`Engine.submit` until it finishes, fails or is dropped after a cancel, a request is
+in exactly one of the waiting, prefilling and running lists, so :meth:`Engine.abort_all`
+and the gauges always see it.
 Finished or cancelled rows leave after the step and their caches are freed, so requests
 join and leave between any two tokens. Text deltas and the final result travel
 back to the event loop through :class:`GenerationStream`.
@@ -54,7 +57,10 @@ class GenerationFailedError(EngineError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A request the HTTP layer has validated: token ids, the adapter and rank to run at, and how to sample."""
+    """A request the HTTP layer has validated: token ids, the adapter and rank to run at, and how to sample.
+
+    A ``warmup`` request is left out of the Prometheus metrics and the serving stats.
+    """
 
     request_id: str
     prompt_ids: list[int]
@@ -63,6 +69,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    warmup: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,14 +90,16 @@ class GenerationStream:
     """The request handler's side of one submitted request.
 
     Iterate it for the text deltas; :attr:`result` is set when the iteration ends, and
-    the iteration raises the engine's error if the generation failed. :meth:`cancel`
-    stops the generation at the next step (for a client that went away). The engine's
-    worker thread reports through the ``send_*`` methods, which are thread-safe.
+    the iteration raises the engine's error if the generation failed. :attr:`tokens_read`
+    is the number of tokens generated up to the last delta read. :meth:`cancel` stops the
+    generation at the next step (for a client that went away). The engine's worker thread
+    reports through the ``send_*`` methods, which are thread-safe.
     """
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.request = request
         self.result: GenerationResult | None = None
+        self.tokens_read = 0
         self.cancelled = False
         self._loop = loop
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -108,7 +117,8 @@ class GenerationStream:
         while not self._done:
             kind, payload = await self._events.get()
             if kind == "delta":
-                yield payload
+                text, self.tokens_read = payload
+                yield text
                 continue
             self._done = True
             if kind == "error":
@@ -121,8 +131,8 @@ class GenerationStream:
             pass
         return self.result
 
-    def send_delta(self, text: str) -> None:
-        self._send("delta", text)
+    def send_delta(self, text: str, completion_tokens: int) -> None:
+        self._send("delta", (text, completion_tokens))
 
     def send_result(self, result: GenerationResult) -> None:
         self._send("result", result)
@@ -184,7 +194,9 @@ class Engine:
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.stats = ServingStats()
 
+        # The worker changes these lists only under the lock, so another thread finds each request in one of them.
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Sequence] = []  # admitted into the batch, prompt not run yet
         self._running: list[_Sequence] = []
         self._condition = threading.Condition()
         self._accepting = True
@@ -197,7 +209,8 @@ class Engine:
 
     @property
     def running_count(self) -> int:
-        return len(self._running)
+        """Return the number of requests in the batch, including those whose prompt is being prefilled."""
+        return len(self._prefilling) + len(self._running)
 
     @property
     def is_alive(self) -> bool:
@@ -226,7 +239,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(len(self._waiting), self.estimate_wait_seconds(request.adapter))
             self._waiting.append(sequence)
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._update_gauges()
             self._condition.notify()
         return stream
 
@@ -243,11 +256,18 @@ class Engine:
             self._accepting = False
 
     def abort_all(self, error: EngineError) -> None:
-        """Fail every queued and running request with ``error`` (the end of a drain that timed out)."""
+        """Fail every queued, prefilling and running request with ``error`` (the end of a drain that timed out).
+
+        The streams get the error at once. A request in the middle of a forward pass
+        leaves the batch after that pass.
+        """
         with self._condition:
-            for sequence in [*self._waiting, *self._running]:
+            sequences = [*self._waiting, *self._prefilling, *self._running]
+            self._waiting.clear()
+            for sequence in sequences:
                 sequence.stream.cancel()
                 sequence.stream.send_error(error)
+            self._update_gauges()
             self._condition.notify()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -274,25 +294,27 @@ class Engine:
             if self._running:
                 self._decode()
             self._drop_cancelled()
-        for sequence in [*self._waiting, *self._running]:
+        for sequence in [*self._waiting, *self._prefilling, *self._running]:
             sequence.stream.send_error(EngineStoppedError("the server stopped before this request finished"))
         logger.info("engine stopped")
 
     def _admit(self) -> list[_Sequence]:
-        """Take waiting requests while the batch has room; the caller holds the lock."""
-        admitted: list[_Sequence] = []
-        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
-            sequence = self._waiting.popleft()
-            if not sequence.stream.cancelled:
-                admitted.append(sequence)
-        metrics.QUEUE_DEPTH.set(len(self._waiting))
-        return admitted
+        """Move waiting requests into the batch while it has room and return them; the caller holds the lock.
+
+        Cancelled waiting requests are dropped first, so they neither take a slot nor count as queued.
+        """
+        self._waiting = deque(s for s in self._waiting if not s.stream.cancelled)
+        while self._waiting and self.running_count < self.max_batch_size:
+            self._prefilling.append(self._waiting.popleft())
+        self._update_gauges()
+        return list(self._prefilling)
 
     def _prefill(self, sequence: _Sequence) -> None:
-        """Run a new request's prompt, take its first token, and add it to the batch unless it is done."""
+        """Run a new request's prompt, take its first token, and move it to the running rows unless it is done."""
         request = sequence.request
-        metrics.BATCH_SIZE.observe(1)
-        metrics.PROMPT_TOKENS.labels(request.adapter, str(request.rank)).inc(len(request.prompt_ids))
+        if not request.warmup:
+            metrics.BATCH_SIZE.observe(1)
+            metrics.PROMPT_TOKENS.labels(request.adapter, str(request.rank)).inc(len(request.prompt_ids))
         sequence.kv = RowKV(capacity=len(request.prompt_ids) + request.max_new_tokens)
         row = RowInput(request.prompt_ids, 0, sequence.kv, request.adapter, request.rank)
         # NOTE: a long prompt runs in one forward pass, so the running batch waits for all of it.
@@ -301,16 +323,21 @@ class Engine:
             logits = self.runner.prefill(row)
         except Exception:
             self._fail([sequence], "prefill")
-            return
-        self._take_token(sequence, logits)
-        if not sequence.finished:
-            self._running.append(sequence)
-            metrics.RUNNING_REQUESTS.set(len(self._running))
+        else:
+            if not sequence.stream.cancelled:  # aborted during the pass: _drop_cancelled releases it
+                self._take_token(sequence, logits)
+        with self._condition:
+            self._prefilling.remove(sequence)
+            if not sequence.finished:
+                self._running.append(sequence)
+            self._update_gauges()
 
     def _decode(self) -> None:
         """Run one decode step for the whole batch and drop the rows that finished."""
         sequences = self._running
-        metrics.BATCH_SIZE.observe(len(sequences))
+        observed = [s for s in sequences if not s.request.warmup]
+        if observed:
+            metrics.BATCH_SIZE.observe(len(observed))
         rows = [RowInput([s.last_token], len(s.kv), s.kv, s.request.adapter, s.request.rank) for s in sequences]
         started = time.perf_counter()
         try:
@@ -318,12 +345,12 @@ class Engine:
         except Exception:
             self._fail(sequences, "decode step")
         else:
-            keys = [(s.request.adapter, s.request.rank) for s in sequences]
-            self.stats.observe_decode_step(time.perf_counter() - started, keys)
+            keys = [(s.request.adapter, s.request.rank) for s in observed]
+            if keys:
+                self.stats.observe_decode_step(time.perf_counter() - started, keys)
             for sequence, row_logits in zip(sequences, logits):
                 self._take_token(sequence, row_logits)
-        self._running = [s for s in self._running if not s.finished]
-        metrics.RUNNING_REQUESTS.set(len(self._running))
+        self._remove_finished()
 
     def _take_token(self, sequence: _Sequence, logits: torch.Tensor) -> None:
         """Choose the sequence's next token from its logits and append it; a failure fails this request only."""
@@ -348,9 +375,10 @@ class Engine:
         request = sequence.request
         if sequence.first_token_at is None:
             sequence.first_token_at = time.perf_counter()
-            metrics.TIME_TO_FIRST_TOKEN.labels(request.adapter, str(request.rank)).observe(
-                sequence.first_token_at - sequence.submitted_at
-            )
+            if not request.warmup:
+                metrics.TIME_TO_FIRST_TOKEN.labels(request.adapter, str(request.rank)).observe(
+                    sequence.first_token_at - sequence.submitted_at
+                )
         sequence.last_token = token
         sequence.completion_tokens += 1
 
@@ -359,7 +387,7 @@ class Engine:
             return
         delta = sequence.text.add_token(token)
         if delta:
-            sequence.stream.send_delta(delta)
+            sequence.stream.send_delta(delta, sequence.completion_tokens)
         if sequence.text.stopped:
             self._finish(sequence, "stop")
         elif sequence.completion_tokens >= request.max_new_tokens:
@@ -368,7 +396,7 @@ class Engine:
     def _finish(self, sequence: _Sequence, finish_reason: str) -> None:
         delta = sequence.text.finish()
         if delta:
-            sequence.stream.send_delta(delta)
+            sequence.stream.send_delta(delta, sequence.completion_tokens)
         request = sequence.request
         result = GenerationResult(
             request_id=request.request_id,
@@ -380,14 +408,16 @@ class Engine:
             rank=request.rank,
             time_to_first_token=sequence.first_token_at - sequence.submitted_at,
         )
-        self.stats.observe_completion(request.adapter, sequence.completion_tokens)
+        if not request.warmup:
+            self.stats.observe_completion(request.adapter, sequence.completion_tokens)
         self._release(sequence)
         sequence.stream.send_result(result)
 
     def _release(self, sequence: _Sequence) -> None:
         """Mark a sequence finished, count its tokens and free its cache."""
         request = sequence.request
-        metrics.GENERATED_TOKENS.labels(request.adapter, str(request.rank)).inc(sequence.completion_tokens)
+        if not request.warmup:
+            metrics.GENERATED_TOKENS.labels(request.adapter, str(request.rank)).inc(sequence.completion_tokens)
         sequence.finished = True
         sequence.kv = None
 
@@ -398,8 +428,18 @@ class Engine:
         for sequence in cancelled:
             logger.info("cancelled request %s after %d tokens", sequence.request.request_id, sequence.completion_tokens)
             self._release(sequence)
-        self._running = [s for s in self._running if not s.finished]
-        metrics.RUNNING_REQUESTS.set(len(self._running))
+        self._remove_finished()
+
+    def _remove_finished(self) -> None:
+        with self._condition:
+            self._running = [s for s in self._running if not s.finished]
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        """Set the queue-depth and running gauges, leaving out warm-up requests; the caller holds the lock."""
+        metrics.QUEUE_DEPTH.set(sum(not s.request.warmup for s in self._waiting))
+        in_batch = [*self._prefilling, *self._running]
+        metrics.RUNNING_REQUESTS.set(sum(not s.request.warmup for s in in_batch))
 
 
 def _eos_token_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:

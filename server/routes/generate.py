@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.auth import require_api_key
+from server.auth import AuthenticatedRoute
 from server.context import CLIENT_CLOSED_REQUEST, GenerationRecord, generation_record, request_id_of
 from server.engine import EngineError, GenerationResult, GenerationStream
 from server.errors import error_body
 from server.schemas import GenerateRequest, GenerateResponse, Usage
-from server.service import GenerationOptions, GenerationService, collect, to_api_error
+from server.service import GenerationOptions, GenerationService, collect, log_stream_error, to_api_error
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, wait_for_disconnect
-
-logger = logging.getLogger(__name__)
 
 RANK_HEADER = "x-matlora-rank"
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=AuthenticatedRoute)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {SSE_MEDIA_TYPE: {}}}})
@@ -70,16 +67,21 @@ def _response(result: GenerationResult) -> GenerateResponse:
 
 
 async def _events(stream: GenerationStream, record: GenerationRecord) -> AsyncIterator[str]:
-    """Yield token events, then one done or error event. A client that leaves cancels the generation."""
+    """Yield token events, then one done or error event. A client that leaves cancels the generation.
+
+    ``record.completion_tokens`` counts the tokens of the events sent so far, so a stream
+    that ends early logs what its client received.
+    """
     try:
         async for delta in stream:
             yield sse_event({"type": "token", "text": delta})
+            record.completion_tokens = stream.tokens_read
         record.completion_tokens = stream.result.completion_tokens
         record.finish_reason = stream.result.finish_reason
         yield sse_event({"type": "done", **_response(stream.result).model_dump()})
     except EngineError as error:
         record.error = str(error)
-        logger.warning("stream of request %s ended with an error: %s", stream.request.request_id, error)
+        log_stream_error(error, stream.request.request_id)
         yield sse_event({"type": "error", **error_body(to_api_error(error), stream.request.request_id, openai=False)})
     finally:
         if not stream.done:

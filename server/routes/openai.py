@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/models/{id}``, ``/v1/completions`` and ``/v1/chat/completions``.
 
 ``model`` is an adapter name, served at the rank the policy picks, or ``NAME@RANK``
 (``arith@8``, ``arith@auto``). Responses and stream chunks follow OpenAI's shapes, so
@@ -8,44 +8,66 @@ OpenAI client libraries work unchanged.
 from __future__ import annotations
 
 import asyncio
-import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.auth import require_api_key
+from server.auth import AuthenticatedRoute
 from server.context import CLIENT_CLOSED_REQUEST, GenerationRecord, generation_record, request_id_of
 from server.engine import EngineError, GenerationResult, GenerationStream
-from server.errors import InvalidRequestError, error_body
+from server.errors import InvalidRequestError, ModelNotFoundError, error_body
 from server.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from server.routes.generate import RANK_HEADER
-from server.service import GenerationOptions, GenerationService, collect, to_api_error
+from server.service import GenerationOptions, GenerationService, collect, log_stream_error, to_api_error
 from server.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event, wait_for_disconnect
 
-logger = logging.getLogger(__name__)
-
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", route_class=AuthenticatedRoute)
 
 OWNER = "matlora"
+# A rank in a model id. A minus sign is accepted so that "arith@-1" is reported as a rank out of range.
+_RANK_IN_MODEL = re.compile(r"-?\d+")
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """List every adapter, then each ``NAME@RANK`` it can serve."""
+    return {"object": "list", "data": list(_models(request).values())}
+
+
+@router.get("/models/{model_id}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """Return one entry of ``/v1/models``; an unknown id gets 404 with code ``model_not_found``."""
+    models = _models(request)
+    if model_id in models:
+        return models[model_id]
+    service: GenerationService = request.app.state.service
+    adapters = sorted(service.adapters.values(), key=lambda adapter: adapter.name)
+    allowed = [f"{a.name}, {a.name}@0..{a.name}@{a.max_rank}" for a in adapters]
+    raise ModelNotFoundError(
+        f"unknown model {model_id!r}; the models are {'; '.join(allowed)} (GET /v1/models lists them)",
+        field="model",
+        value=model_id,
+        allowed=allowed,
+    )
+
+
+def _models(request: Request) -> dict[str, dict[str, Any]]:
+    """Return the model entries by id: each adapter, then each ``NAME@RANK`` it can serve."""
     service: GenerationService = request.app.state.service
     created = request.app.state.started_at
-    models = []
+    models = {}
     for adapter in service.adapters.values():
         ranks = list(range(adapter.max_rank + 1))
         common = {"object": "model", "created": created, "owned_by": OWNER, "max_rank": adapter.max_rank}
-        models.append({"id": adapter.name, **common, "ranks": ranks, "train_ranks": list(adapter.train_ranks)})
-        models.extend(
-            {"id": f"{adapter.name}@{rank}", **common, "parent": adapter.name, "rank": rank} for rank in ranks
-        )
-    return {"object": "list", "data": models}
+        models[adapter.name] = {"id": adapter.name, **common, "ranks": ranks, "train_ranks": list(adapter.train_ranks)}
+        for rank in ranks:
+            model_id = f"{adapter.name}@{rank}"
+            models[model_id] = {"id": model_id, **common, "parent": adapter.name, "rank": rank}
+    return models
 
 
 @router.post("/completions")
@@ -64,13 +86,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 def parse_model(model: str) -> tuple[str, int | str | None]:
-    """Split ``NAME@RANK`` into the adapter name and the rank (an int, ``"auto"``, or None without ``@``)."""
+    """Split ``NAME@RANK`` into the adapter name and the rank (an int, ``"auto"``, or None without ``@``).
+
+    A negative rank is returned as it is, for the range check to report.
+    """
     name, separator, rank = model.partition("@")
     if not separator:
         return model, None
     if rank == "auto":
         return name, rank
-    if rank.isdigit():
+    if _RANK_IN_MODEL.fullmatch(rank):
         return name, int(rank)
     raise InvalidRequestError(
         f"model must be NAME or NAME@RANK with RANK an integer or 'auto', got {model!r}",
@@ -101,6 +126,7 @@ def _options(body: OpenAIRequest, max_tokens: int | None) -> GenerationOptions:
         adapter_field="model",
         rank_field="model" if model_rank is not None else "rank",
         max_new_tokens_field="max_tokens",
+        model=body.model if model_rank is not None else None,
     )
 
 
@@ -130,13 +156,18 @@ async def _serve(
 async def _events(
     stream: GenerationStream, record: GenerationRecord, chunk: _Chunks, include_usage: bool
 ) -> AsyncIterator[str]:
-    """Yield OpenAI stream chunks and ``[DONE]``; a client that leaves cancels the generation."""
+    """Yield OpenAI stream chunks and ``[DONE]``; a client that leaves cancels the generation.
+
+    ``record.completion_tokens`` counts the tokens of the chunks sent so far, so a stream
+    that ends early logs what its client received.
+    """
     try:
         first = chunk.first()
         if first is not None:
             yield sse_event(first)
         async for delta in stream:
             yield sse_event(chunk.delta(delta))
+            record.completion_tokens = stream.tokens_read
         result = stream.result
         record.completion_tokens = result.completion_tokens
         record.finish_reason = result.finish_reason
@@ -145,7 +176,7 @@ async def _events(
             yield sse_event(chunk.usage(result))
     except EngineError as error:
         record.error = str(error)
-        logger.warning("stream of request %s ended with an error: %s", stream.request.request_id, error)
+        log_stream_error(error, stream.request.request_id)
         yield sse_event(error_body(to_api_error(error), stream.request.request_id, openai=True))
     finally:
         if not stream.done:

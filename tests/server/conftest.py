@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from matlora import AdapterConfig, inject_adapter, save_adapter
 from matlora.base_model import load_base
@@ -51,6 +52,18 @@ def build_random_adapter(
         for _, weights in iter_adapter_weights(model, name):
             weights.lora_B.copy_(torch.randn(weights.lora_B.shape, generator=generator) * scale)
     return save_adapter(model, out_dir, name)
+
+
+def matlora_samples() -> dict[tuple, float]:
+    """Return every sample of the server's metrics in this process, by name and labels."""
+    import server.metrics  # noqa: F401  (registers the metrics, so a first call sees them too)
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name.startswith("matlora_")
+    }
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,8 @@ def test_stream_disconnect_cancels(
     assert line["status"] == 499
     assert line["cancelled"] is True
     assert len(slow_decode) < MAX_NEW_TOKENS - 1
+    # The tokens of the events sent before the client left: the prefill's token and one per decode step at most.
+    assert 1 <= line["completion_tokens"] <= 1 + len(slow_decode)
 
 
 def test_request_disconnect_cancels(

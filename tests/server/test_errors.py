@@ -45,14 +45,65 @@ INVALID_BODIES = [
         "stop string too long",
         body(stop=["x" * 257]),
         "stop",
-        repr(["x" * 257])[:200] + "...",
+        json.dumps(["x" * 257])[:200] + "...",
         "1 to 8 strings of 1 to 256 characters",
     ),
     ("too many stop strings", body(stop=list("abcdefghi")), "stop", list("abcdefghi"), "at most 8 items"),
+    ("stop as number", body(stop=5), "stop", 5, "a string, or a list of 1 to 8 strings of 1 to 256 characters"),
+    ("chat as text", body(chat="yes"), "chat", "yes", "true or false"),
+    ("adapter as number", body(adapter=5), "adapter", 5, "the name of a loaded adapter"),
     ("misspelt field", body(max_tokens=5), "max_tokens", 5, "no such field"),
     ("missing prompt", {"adapter": TINY_ADAPTER}, "prompt", None, "a non-empty string"),
     ("adapter omitted with two loaded", {"prompt": PROMPT}, "adapter", None, [OTHER_ADAPTER, TINY_ADAPTER]),
 ]
+
+
+# (case, request body, message): messages name the field and the value in JSON spelling.
+INVALID_BODY_MESSAGES = [
+    (
+        "rank above max",
+        body(rank=9),
+        "rank is out of range: got 9, allowed 0..8 for adapter 'tiny' (0 is the base model) or 'auto'",
+    ),
+    ("zero max_new_tokens", body(max_new_tokens=0), "max_new_tokens is out of range: got 0, allowed 1..64"),
+    ("top_p zero", body(top_p=0), "top_p is out of range: got 0, allowed 0 < top_p <= 1"),
+    ("rank as bool", body(rank=True), "rank must be an integer or 'auto', got true"),
+    ("stream as null", body(stream=None), "stream must be true or false, got null"),
+    ("seed as text", body(seed="5"), 'seed must be an integer, got "5"'),
+    ("stop as number", body(stop=5), "stop must be a string or a list of strings, got 5"),
+    ("stop list of numbers", body(stop=[5]), "stop must be a string or a list of strings, got [5]"),
+    ("too many stop strings", body(stop=list("abcdefghi")), "stop has 9 items, allowed at most 8 items"),
+    ("missing prompt", {"adapter": TINY_ADAPTER}, "prompt is required"),
+    ("misspelt field", body(max_tokens=5), "max_tokens is not a known field; check its spelling"),
+]
+
+# (JSON literal in the body, how the error echoes it): NaN and infinities as strings, so the body is standard JSON.
+NON_FINITE_NUMBERS = [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"), ("1e309", "Infinity")]
+
+# (case, raw body, message)
+UNPARSEABLE_BODIES = [
+    (
+        "invalid UTF-8",
+        b'{"prompt": "\xff"}',
+        "the request body is not valid UTF-8: invalid start byte (byte 0xff at offset 12); send JSON encoded as UTF-8",
+    ),
+    (
+        "nested too deep",
+        b"[" * 2000 + b"]" * 2000,
+        "the request body nests arrays or objects too deeply for the JSON parser; request bodies need only a few "
+        "levels of nesting",
+    ),
+]
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def strict_json(text: str):
+    """Parse standard JSON only: NaN and Infinity, which Python's json module accepts, are errors."""
+
+    def reject(constant: str):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=reject)
 
 
 def wait_for_access_line(caplog: pytest.LogCaptureFixture, request_id: str, timeout: float = 5.0) -> str:
@@ -98,6 +149,52 @@ def test_invalid_body_422(
     assert field in error["message"]
     assert error["request_id"] == response.headers["x-request-id"]
     assert prefill_calls == []
+
+
+@pytest.mark.parametrize(
+    ("case", "request_body", "message"), INVALID_BODY_MESSAGES, ids=[c[0] for c in INVALID_BODY_MESSAGES]
+)
+def test_invalid_body_message(client: httpx.Client, case: str, request_body: dict, message: str) -> None:
+    response = client.post("/generate", json=request_body)
+
+    assert response.status_code == 422
+    assert response.json()["error"]["message"] == message
+
+
+@pytest.mark.parametrize(("literal", "echoed"), NON_FINITE_NUMBERS)
+def test_non_finite_number_echoed_as_string(client: httpx.Client, literal: str, echoed: str) -> None:
+    raw = f'{{"prompt": "{PROMPT}", "adapter": "{TINY_ADAPTER}", "temperature": {literal}}}'.encode()
+
+    response = client.post("/generate", content=raw, headers=JSON_HEADERS)
+
+    assert response.status_code == 422
+    error = strict_json(response.text)["error"]
+    assert error["field"] == "temperature"
+    assert error["value"] == echoed
+    assert error["allowed"] == ">= 0 (0 is greedy)"
+    assert error["message"] == f"temperature must be a finite number, got {echoed}"
+
+
+@pytest.mark.parametrize(("case", "raw", "message"), UNPARSEABLE_BODIES, ids=[c[0] for c in UNPARSEABLE_BODIES])
+def test_unparseable_body_names_reason(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture, case: str, raw: bytes, message: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="matlora.access")
+
+    generate = client.post("/generate", content=raw, headers=JSON_HEADERS)
+    completion = client.post("/v1/completions", content=raw, headers=JSON_HEADERS)
+
+    assert generate.status_code == 422
+    error = generate.json()["error"]
+    assert error["type"] == "invalid_request"
+    assert error["field"] == "body"
+    assert error["message"] == message
+    assert completion.status_code == 400
+    assert completion.json()["error"]["param"] == "body"
+    assert completion.json()["error"]["message"] == message
+    access_line = json.loads(wait_for_access_line(caplog, generate.headers["x-request-id"]))
+    assert access_line["status"] == 422
+    assert access_line["error"] == message
 
 
 def test_unknown_adapter_404_lists_loaded(client: httpx.Client, prefill_calls: list[int]) -> None:
@@ -273,6 +370,17 @@ def test_missing_or_bad_key_401(keyed_server: ThreadServer, method: str, path: s
     assert response.headers["www-authenticate"] == "Bearer"
 
 
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("raw", [b"{not json", b'{"prompt": "\xff"}', b'{"prompt": 5}'], ids=["json", "utf8", "type"])
+def test_malformed_body_without_key_401(keyed_server: ThreadServer, path: str, raw: bytes) -> None:
+    response = httpx.post(keyed_server.url + path, content=raw, headers=JSON_HEADERS)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == (
+        "missing or invalid API key: send the header 'Authorization: Bearer <key>'"
+    )
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_probes_need_no_key(keyed_server: ThreadServer, path: str) -> None:
     assert httpx.get(keyed_server.url + path).status_code == 200
@@ -319,3 +427,23 @@ def test_lone_surrogate_prompt_422(client: httpx.Client, prefill_calls: list[int
     assert error["field"] == "prompt"
     assert error["message"] == "prompt is not valid Unicode: surrogates not allowed at character 2"
     assert prefill_calls == []
+
+
+def test_draining_503_logged_at_info(
+    tiny_server: ThreadServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tiny_server.app.state.server_state, "draining", True)
+    caplog.set_level(logging.INFO, logger="server")
+
+    response = client.post("/generate", json=body())
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    request_id = response.headers["x-request-id"]
+    logged = [
+        record for record in caplog.records if record.name == "server.errors" and request_id in record.getMessage()
+    ]
+    assert [record.levelname for record in logged] == ["INFO"]
+    assert logged[0].getMessage() == (
+        f"request {request_id} failed: the server is shutting down; retry on another replica"
+    )

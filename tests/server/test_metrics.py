@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import TINY_ADAPTER, TINY_MAX_RANK, ProcessServer
+from tests.server.conftest import TINY_ADAPTER, TINY_MAX_RANK, ProcessServer, ThreadServer, matlora_samples
 
 # (rank, max_new_tokens, copies): successful requests sent in parallel over both workers.
 TRAFFIC = [(0, 3, 4), (2, 5, 4), (TINY_MAX_RANK, 4, 4)]
@@ -124,3 +125,16 @@ def test_both_workers_served(two_workers: ProcessServer, traffic: dict) -> None:
     access = [json.loads(line) for line in two_workers.log().splitlines() if line.startswith('{"request_id"')]
 
     assert len({line["pid"] for line in access if line["path"] == "/generate" and line["status"] == 200}) == 2
+
+
+def test_warmup_left_out_of_metrics(
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.app")
+    before = matlora_samples()
+
+    with ThreadServer(base=str(tiny_model_dir), adapter=[f"{TINY_ADAPTER}={tiny_adapters[TINY_ADAPTER]}"]):
+        after = matlora_samples()
+
+    assert any(record.getMessage().startswith("warm-up generation passed") for record in caplog.records)
+    assert after == before

@@ -147,3 +147,100 @@ def test_chat_without_messages_400(openai_client: openai.OpenAI) -> None:
         openai_client.chat.completions.create(model=TINY_ADAPTER, messages=[])
 
     assert raised.value.body["param"] == "messages"
+
+
+def test_retrieve_model_by_id(openai_client: openai.OpenAI) -> None:
+    model = openai_client.models.retrieve(f"{TINY_ADAPTER}@4")
+    adapter = openai_client.models.retrieve(TINY_ADAPTER)
+
+    assert model.id == f"{TINY_ADAPTER}@4"
+    assert model.owned_by == "matlora"
+    assert model.to_dict()["rank"] == 4
+    assert model.to_dict()["parent"] == TINY_ADAPTER
+    assert adapter.to_dict()["ranks"] == list(range(TINY_MAX_RANK + 1))
+
+
+@pytest.mark.parametrize("model_id", [f"{TINY_ADAPTER}@{TINY_MAX_RANK + 1}", "math", f"{TINY_ADAPTER}@auto"])
+def test_retrieve_unknown_model_404(openai_client: openai.OpenAI, model_id: str) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        openai_client.models.retrieve(model_id)
+
+    assert raised.value.body["code"] == "model_not_found"
+    assert raised.value.body["type"] == "invalid_request_error"
+    assert raised.value.body["param"] == "model"
+    assert raised.value.body["message"] == (
+        f"unknown model {model_id!r}; the models are {OTHER_ADAPTER}, {OTHER_ADAPTER}@0..{OTHER_ADAPTER}@4; "
+        f"{TINY_ADAPTER}, {TINY_ADAPTER}@0..{TINY_ADAPTER}@8 (GET /v1/models lists them)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([{"role": "user", "content": ""}], "messages.0.content"),
+        ([{"role": "user", "content": " \n\t"}], "messages.0.content"),
+        ([{"role": "user", "content": [{"type": "text", "text": " "}]}], "messages.0.content"),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": ""}], "messages.1.content"),
+        ([{"role": "system", "content": ""}], "messages"),
+        ([{"role": "system", "content": " "}, {"role": "assistant", "content": ""}], "messages"),
+    ],
+)
+def test_chat_without_text_400(openai_client: openai.OpenAI, messages: list[dict], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client.chat.completions.create(model=TINY_ADAPTER, messages=messages, max_tokens=1)
+
+    assert raised.value.status_code == 400
+    assert raised.value.body["param"] == param
+
+
+def test_chat_empty_user_message_names_field(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client.chat.completions.create(model=TINY_ADAPTER, messages=[{"role": "user", "content": ""}])
+
+    assert raised.value.body["message"] == (
+        'messages.0.content must contain text in a user message, not only whitespace, got ""'
+    )
+
+
+@pytest.mark.parametrize("rank", [99, -1])
+def test_model_rank_out_of_range_400(openai_client: openai.OpenAI, rank: int) -> None:
+    model = f"{TINY_ADAPTER}@{rank}"
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client.completions.create(model=model, prompt=PROMPT, max_tokens=1)
+
+    assert raised.value.body["param"] == "model"
+    assert raised.value.body["message"] == (
+        f"the rank in model '{model}' is out of range: adapter '{TINY_ADAPTER}' serves ranks 0..8 "
+        f"(0 is the base model); use {TINY_ADAPTER}@0 to {TINY_ADAPTER}@8, or {TINY_ADAPTER}@auto"
+    )
+
+
+def test_chat_conflicting_token_limits_400(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client.chat.completions.create(
+            model=TINY_ADAPTER,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=5,
+            max_completion_tokens=6,
+        )
+
+    assert raised.value.body["param"] == "max_completion_tokens"
+    assert raised.value.body["message"] == (
+        "max_completion_tokens must equal max_tokens (5) when both are sent; send only one of them, got 6"
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"echo": True}, "echo is not supported by this server; send false, or leave it out, got true"),
+        ({"logprobs": 3}, "logprobs is not supported by this server; send null, false or 0, or leave it out, got 3"),
+        ({"temperature": -1}, "temperature is out of range: got -1, allowed >= 0 (0 is greedy)"),
+    ],
+)
+def test_invalid_completion_message(openai_client: openai.OpenAI, request_fields: dict, message: str) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        openai_client.completions.create(model=TINY_ADAPTER, prompt=PROMPT, max_tokens=1, **request_fields)
+
+    assert raised.value.body["message"] == message

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from matlora.cli import main
 from server import settings as settings_module
+from server.cli import _share_cores
 from server.settings import BUNDLED_ADAPTER_NAME, Settings, parse_adapter_spec
 
 
@@ -94,7 +95,13 @@ def test_invalid_settings(fields: dict, message: str) -> None:
     ("args", "message"),
     [
         (["--rank-policy", "fixed"], "rank_policy 'fixed' needs default_rank (--default-rank N)"),
-        (["--port", "70000"], "port: Input should be less than or equal to 65535, got 70000 (--port or MATLORA_PORT)"),
+        (["--port", "70000"], "port is out of range: got 70000, allowed 1..65535 (--port or MATLORA_PORT)"),
+        (["--threads", "0"], "threads is out of range: got 0, allowed >= 1 (--threads or MATLORA_THREADS)"),
+        (
+            ["--dtype", "int8"],
+            "dtype must be one of auto, bfloat16, bf16, float16, fp16, float32, fp32, got 'int8' "
+            "(--dtype or MATLORA_DTYPE)\n",
+        ),
         (
             ["--adapter", "/no/such/adapter"],
             "adapter folder /no/such/adapter (from --adapter /no/such/adapter) does not exist",
@@ -111,3 +118,21 @@ def test_serve_rejects_bad_settings_before_starting(
 
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("workers", "threads", "cores", "expected"),
+    [(2, None, 2, 1), (2, None, 8, 4), (3, None, 2, 1), (2, 3, 2, 3), (1, None, 8, None)],
+)
+def test_workers_share_cores(workers: int, threads: int | None, cores: int, expected: int | None) -> None:
+    settings = Settings(workers=workers, threads=threads)
+
+    assert _share_cores(settings, cores).threads == expected
+
+
+def test_api_key_help_points_to_variable(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "prefer the variable MATLORA_API_KEY" in help_text

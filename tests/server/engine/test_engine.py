@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 import matlora
 from matlora.base_model import load_base
 from server.engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
 from server.engine.attention import RowKV
 from server.engine.runner import MIN_DECODE_ROWS, ModelRunner, RowInput
-from tests.server.conftest import TINY_ADAPTER
+from tests.server.conftest import TINY_ADAPTER, matlora_samples
 
 PROMPTS = ["The quick brown fox", "1 + 1 =", "a"]
 
@@ -126,3 +127,51 @@ def test_queue_bound_and_stop_accepting(tiny_model_dir: Path, tiny_adapters: dic
         engine.shutdown()
 
     assert outcomes == ["full: 2 waiting", "length", "length", "length"]
+
+
+def test_abort_reaches_request_in_prefill(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+    model, tokenizer = load_with_adapter(tiny_model_dir, tiny_adapters[TINY_ADAPTER], "bfloat16")
+    engine = Engine(model, tokenizer, max_batch_size=2, max_queue=2)
+    prefill = engine.runner.prefill
+    in_prefill, release = threading.Event(), threading.Event()
+
+    def held_prefill(row):
+        in_prefill.set()
+        release.wait(timeout=30)
+        return prefill(row)
+
+    engine.runner.prefill = held_prefill
+    request = GenerationRequest("r", [1, 2, 3], TINY_ADAPTER, 8, 2)
+
+    async def abort_during_prefill() -> tuple[tuple, str]:
+        stream = engine.submit(request)
+        assert await asyncio.to_thread(in_prefill.wait, 30)
+        seen = (engine.waiting_count, engine.running_count, REGISTRY.get_sample_value("matlora_running_requests"))
+        engine.abort_all(EngineStoppedError("stopped by the test"))
+        with pytest.raises(EngineStoppedError) as raised:
+            await stream.wait()
+        return seen, str(raised.value)
+
+    engine.start()
+    try:
+        seen, error = asyncio.run(abort_during_prefill())
+    finally:
+        release.set()
+        engine.shutdown()
+
+    assert seen == (0, 1, 1.0)
+    assert error == "stopped by the test"
+    assert engine.running_count == 0
+
+
+def test_warmup_request_left_out_of_metrics(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+    model, tokenizer = load_with_adapter(tiny_model_dir, tiny_adapters[TINY_ADAPTER], "bfloat16")
+    engine = Engine(model, tokenizer)
+    request = GenerationRequest("warmup", [1, 2, 3], TINY_ADAPTER, 5, 3, warmup=True)
+    before = matlora_samples()
+
+    asyncio.run(generate_all(engine, [request]))
+
+    assert matlora_samples() == before
+    assert engine.stats.token_seconds(TINY_ADAPTER) == {}
+    assert engine.stats.completion_tokens(TINY_ADAPTER) is None
