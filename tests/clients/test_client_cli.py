@@ -226,7 +226,9 @@ def test_ask_rejects_nan_temperature(capsys):
 
 
 def test_loadgen_fails_when_no_request_succeeds(routed, capsys):
-    routed.default = routed.json_reply(422, {"error": {"type": "invalid_request", "message": "bad rank", "field": "rank"}})
+    routed.default = routed.json_reply(
+        422, {"error": {"type": "invalid_request", "message": "bad rank", "field": "rank"}}
+    )
     code = main(["loadgen", "--url", "http://matlora.test", "--rate", "200", "--duration", "0.02", "--raw"])
 
     assert code == 1
