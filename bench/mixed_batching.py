@@ -271,10 +271,13 @@ def expected_accuracy(ranks_used: dict[str, int], accuracy: dict[int, float]) ->
 def accuracy_by_rank(report_path: Path | None, adapter: ServedAdapter) -> tuple[dict[int, float], str]:
     """Return the per-rank accuracy to weigh the policy's ranks with, and where it came from.
 
-    A ``matlora eval`` report given with ``--accuracy-report`` comes first. Without one, the
-    quality benchmark's results for the project's default variant are used, when their R
-    is the served adapter's. Otherwise the table is empty.
+    A ``matlora eval`` report given with ``--accuracy-report`` comes first, then the
+    ``report.json`` in the served adapter's folder (the bundled adapter has one). Without
+    either, the quality benchmark's results for the project's default variant are used,
+    when their R is the served adapter's. Otherwise the table is empty.
     """
+    if report_path is None and not adapter.random and (adapter.directory / "report.json").is_file():
+        report_path = adapter.directory / "report.json"
     if report_path is not None:
         report = json.loads(report_path.read_text())
         return dict(zip(report["ranks"], report["accuracy"])), f"{report_path} ({report.get('label', 'eval report')})"
