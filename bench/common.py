@@ -22,7 +22,8 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 WORK_DIR = REPO_ROOT / "runs" / "bench"
 # Smoke runs write here, so they never overwrite the committed results.
 SMOKE_DIR = REPO_ROOT / "runs" / "bench-smoke"
-README = REPO_ROOT / "bench" / "README.md"
+# The pages whose <!-- bench:NAME --> sections show the committed results.
+READMES = (REPO_ROOT / "bench" / "README.md", REPO_ROOT / "README.md")
 ARITHMETIC_TASK = REPO_ROOT / "data" / "bigbench-arithmetic" / "2_digit_addition" / "task.json"
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def build_random_adapter(base: str, max_rank: int, target_modules: Sequence[str]
 def write_outputs(name: str, result: dict[str, Any], directory: Path, render: Callable[[dict], str]) -> str:
     """Write ``<name>.json`` and the Markdown rendered from it (``<name>.md``), and return the Markdown.
 
-    Results written to ``bench/results`` also replace the benchmark's section of bench/README.md.
+    Results written to ``bench/results`` also replace the benchmark's section of the READMES.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -192,14 +193,17 @@ def fill_sections(text: str, rendered: dict[str, str]) -> str:
 
 
 def publish(name: str, markdown: str, directory: Path) -> None:
-    """Put a benchmark's Markdown into bench/README.md, when the results went to the committed folder."""
-    if directory.resolve() != RESULTS_DIR.resolve() or not README.is_file():
+    """Put a benchmark's Markdown into the READMES, when the results went to the committed folder."""
+    if directory.resolve() != RESULTS_DIR.resolve():
         return
-    text = README.read_text()
-    updated = fill_sections(text, {name: markdown})
-    if updated != text:
-        README.write_text(updated)
-        logger.info("updated the %s section of %s", name, README)
+    for readme in READMES:
+        if not readme.is_file():
+            continue
+        text = readme.read_text()
+        updated = fill_sections(text, {name: markdown})
+        if updated != text:
+            readme.write_text(updated)
+            logger.info("updated the %s section of %s", name, readme)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

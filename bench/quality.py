@@ -85,7 +85,7 @@ class QualityConfig:
     scaling: str = "sqrt"
     steps: int = 64
     batch_size: int = 16
-    learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     seeds: tuple[int, ...] = (0, 1)
     envelope_ranks: tuple[int, ...] = (1, 4)
     methods: tuple[str, ...] = METHODS
@@ -129,7 +129,7 @@ class QualityConfig:
         if name == "full":
             return cls(
                 steps=150,
-                learning_rates=(1e-4, 3e-4, 1e-3, 3e-3),
+                learning_rates=(3e-4, 1e-3, 3e-3, 1e-2),
                 seeds=(0, 1, 2),
                 envelope_ranks=(1, 2, 4, 8),
                 with_loss=True,

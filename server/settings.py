@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     metrics_auth: bool = Field(True, description="whether /metrics requires the API key too")
     max_new_tokens_limit: int = Field(512, ge=1)
     max_batch_size: int = Field(16, ge=1)
-    max_queue: int = Field(64, ge=0, description="requests that may wait for the batch; past it: 429")
+    max_queue: int = Field(64, ge=1, description="requests that may wait for the batch; past it: 429")
     max_body_bytes: int = Field(65536, ge=1)
     rank_policy: Literal["auto", "fixed", "max"] = Field("auto", description="the rank used when a request omits it")
     default_rank: int | None = Field(None, ge=0, description="the rank of the fixed policy")

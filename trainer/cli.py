@@ -66,8 +66,9 @@ def _register_train(subparsers) -> None:
     parser.add_argument(
         "--inference-scaling",
         choices=INFERENCE_SCALINGS,
-        default="keep_p",
-        help="how rank k is served: keep_p keeps the trained p[:k], drop_p uses s(k) as the paper does (default: keep_p)",
+        default=None,
+        help="how rank k is served: keep_p keeps the trained p[:k], drop_p uses s(k) as the paper does "
+        "(default: what the method trained, keep_p, or drop_p for nested)",
     )
     parser.add_argument(
         "--target-modules",

@@ -50,7 +50,7 @@ class TrainOptions:
     scaling: str = "sqrt"
     lora_alpha: float = 1.0
     lora_dropout: float = 0.0
-    inference_scaling: str = "keep_p"
+    inference_scaling: str | None = None  # None: the one that serves what the method trained
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     learning_rate: float = 1e-3
     batch_size: int = 16

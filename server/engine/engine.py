@@ -184,8 +184,9 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 64,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, got {max_batch_size} and {max_queue}")
+        # Every request waits in the queue before it joins the batch, so a queue of 0 would refuse all.
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError(f"need max_batch_size >= 1 and max_queue >= 1, got {max_batch_size} and {max_queue}")
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.runner = ModelRunner(model, pad_token_id)
         self.tokenizer = tokenizer

@@ -1,4 +1,4 @@
-"""Fixtures for the deployment tests: docker/local_stack.py, loaded as a module."""
+"""Fixtures for the deployment tests: docker/local_stack.py loaded as a module, and a tiny model to serve."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
+
+from matlora import AdapterConfig, inject_adapter, save_adapter
+from matlora.base_model import load_base
+from matlora.model import iter_adapter_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"
@@ -31,6 +36,41 @@ def _load_local_stack() -> ModuleType:
 @pytest.fixture(scope="session")
 def local_stack() -> ModuleType:
     return _load_local_stack()
+
+
+@pytest.fixture(scope="session")
+def stack_programs(local_stack: ModuleType) -> None:
+    """Skip the test unless the nginx and prometheus programs are installed."""
+    for program in ("nginx", "prometheus"):
+        try:
+            local_stack.find_program(program)
+        except FileNotFoundError:
+            pytest.skip(f"{program} not installed; the local stack needs apt-get install -y nginx prometheus")
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A rank-8 adapter on q_proj and v_proj of the tiny model, with random non-zero weights."""
+    model, _ = load_base(str(tiny_model_dir), dtype="float32", device="cpu")
+    inject_adapter(model, AdapterConfig(r=8, target_modules=["q_proj", "v_proj"]), "toy")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, weights in iter_adapter_weights(model, "toy"):
+            weights.lora_B.copy_(torch.randn(weights.lora_B.shape, generator=generator) * 0.5)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter"), "toy")
+
+
+@pytest.fixture(scope="session")
+def serve_args(tiny_model_dir: Path, adapter_dir: Path) -> list[str]:
+    """``matlora serve`` arguments for a replica of the tiny model with the adapter "toy", on CPU."""
+    return [
+        "--base", str(tiny_model_dir),
+        "--adapter", f"toy={adapter_dir}",
+        "--device", "cpu",
+        # One thread each: two replicas on a 2-core machine slow down badly when
+        # both run PyTorch's default of one thread per core.
+        "--threads", "1",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

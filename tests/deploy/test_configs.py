@@ -131,7 +131,8 @@ def test_compose_replicas_outlive_their_drain():
 
 def test_compose_replicas_match_nginx_upstreams():
     text = (DOCKER_DIR / "nginx" / "matlora-upstreams.conf").read_text()
-    upstreams = re.findall(r"^server\s+([\w.-]+):8000;", text, flags=re.MULTILINE)
+    # The lines of matlora_replicas; those of matlora_replay end in "max_fails=0;".
+    upstreams = re.findall(r"^\s*server\s+([\w.-]+):8000;", text, flags=re.MULTILINE)
     assert upstreams == sorted(compose_servers())
 
 
@@ -139,6 +140,24 @@ def test_compose_replicas_match_prometheus_targets():
     groups = json.loads((DOCKER_DIR / "prometheus" / "targets" / "replicas.json").read_text())
     targets = {group["labels"]["replica"]: group["targets"] for group in groups}
     assert targets == {name: [f"{name}:8000"] for name in compose_servers()}
+
+
+def test_compose_upstreams_match_local_stack(local_stack):
+    """nginx/matlora-upstreams.conf has the blocks that the local stack writes, for the compose replicas."""
+    text = (DOCKER_DIR / "nginx" / "matlora-upstreams.conf").read_text()
+    compose_lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+    written = local_stack.nginx_upstreams([f"{name}:8000" for name in sorted(compose_servers())])
+
+    assert compose_lines == [line.strip() for line in written.splitlines()]
+
+
+def test_compose_sets_every_nginx_template_variable():
+    template = (DOCKER_DIR / "nginx" / "matlora.conf.template").read_text()
+    environment = load_yaml("compose.yaml")["services"]["nginx"]["environment"]
+    assert set(re.findall(r"\$\{(MATLORA_\w+)\}", template)) == {"MATLORA_NGINX_ADDRESS", "MATLORA_NGINX_PORT"}
+    assert environment["MATLORA_NGINX_ADDRESS"] == "0.0.0.0"
+    assert environment["MATLORA_NGINX_PORT"] == "8080"
 
 
 def test_compose_config_is_valid():
@@ -173,6 +192,11 @@ def test_dockerfile_user_is_non_root():
     assert int(uid) != 0
 
 
+def test_dockerfile_makes_model_cache_readable_by_runtime_user():
+    text = (DOCKER_DIR / "Dockerfile").read_text()
+    assert "chmod -R a+rX /opt/matlora/cache" in text
+
+
 def test_dockerfile_healthcheck_and_offline_model():
     text = (DOCKER_DIR / "Dockerfile").read_text()
     assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, flags=re.MULTILINE)
@@ -193,6 +217,27 @@ def test_render_template_fills_variables(local_stack):
 def test_render_template_reports_missing_variable(local_stack):
     with pytest.raises(KeyError, match="MATLORA_NGINX_PORT"):
         local_stack.render_template("listen ${MATLORA_NGINX_PORT};", {})
+
+
+def test_local_nginx_listens_on_loopback(local_stack, tmp_path):
+    local_stack.write_nginx_config(tmp_path, 18080, ["127.0.0.1:18001"])
+    rendered = (tmp_path / "conf.d" / "matlora.conf").read_text()
+    assert re.findall(r"^\s*listen (.*);$", rendered, flags=re.MULTILINE) == ["127.0.0.1:18080 default_server"]
+
+
+def test_nginx_upstreams_replay_without_failure_marks(local_stack):
+    assert local_stack.nginx_upstreams(["127.0.0.1:18001", "127.0.0.1:18002"]) == (
+        "upstream matlora_replicas {\n"
+        "    zone matlora_replicas 64k;\n"
+        "    server 127.0.0.1:18001;\n"
+        "    server 127.0.0.1:18002;\n"
+        "}\n"
+        "upstream matlora_replay {\n"
+        "    zone matlora_replay 64k;\n"
+        "    server 127.0.0.1:18001 max_fails=0;\n"
+        "    server 127.0.0.1:18002 max_fails=0;\n"
+        "}\n"
+    )
 
 
 def test_nginx_config_passes_nginx_test(local_stack, tmp_path):

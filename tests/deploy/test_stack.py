@@ -27,11 +27,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
-
-from matlora import AdapterConfig, inject_adapter, save_adapter
-from matlora.base_model import load_base
-from matlora.model import iter_adapter_weights
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "dashboards" / "matlora.json"
 GRACEFUL_TIMEOUT_S = 10.0
@@ -76,36 +71,10 @@ class TrafficRun:
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A rank-8 adapter on q_proj and v_proj of the tiny model, with random non-zero weights."""
-    model, _ = load_base(str(tiny_model_dir), dtype="float32", device="cpu")
-    inject_adapter(model, AdapterConfig(r=8, target_modules=["q_proj", "v_proj"]), "toy")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, weights in iter_adapter_weights(model, "toy"):
-            weights.lora_B.copy_(torch.randn(weights.lora_B.shape, generator=generator) * 0.5)
-    return save_adapter(model, tmp_path_factory.mktemp("adapter"), "toy")
-
-
-@pytest.fixture(scope="module")
-def stack(local_stack, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, adapter_dir: Path):
-    for program in ("nginx", "prometheus"):
-        try:
-            local_stack.find_program(program)
-        except FileNotFoundError:
-            pytest.skip(f"{program} not installed; the end-to-end test needs apt-get install -y nginx prometheus")
-    serve_args = [
-        "--base", str(tiny_model_dir),
-        "--adapter", f"toy={adapter_dir}",
-        "--device", "cpu",
-        "--rank-policy", "auto",
-        # One thread each: two replicas on a 2-core machine slow down badly when
-        # both run PyTorch's default of one thread per core.
-        "--threads", "1",
-    ]  # fmt: skip
+def stack(local_stack, stack_programs, tmp_path_factory: pytest.TempPathFactory, serve_args: list[str]):
     running = local_stack.LocalStack(
         tmp_path_factory.mktemp("stack"),
-        serve_args=serve_args,
+        serve_args=[*serve_args, "--rank-policy", "auto"],
         graceful_timeout=GRACEFUL_TIMEOUT_S,
         start_timeout=180,
     )

@@ -45,6 +45,18 @@ def test_inference_scaling_must_be_known():
         AdapterConfig(r=4, target_modules=["q_proj"], inference_scaling="paper")
 
 
+@pytest.mark.parametrize(
+    ("method", "expected"), [("matryoshka", "keep_p"), ("nested", "drop_p"), ("dylora", "keep_p"), ("lora", "keep_p")]
+)
+def test_inference_scaling_default_by_method(method, expected):
+    assert AdapterConfig(r=4, target_modules=["q_proj"], method=method).inference_scaling == expected
+
+
+def test_explicit_inference_scaling_is_kept():
+    config = AdapterConfig(r=4, target_modules=["q_proj"], method="nested", inference_scaling="keep_p")
+    assert config.inference_scaling == "keep_p"
+
+
 def test_save_load_round_trip(tmp_path):
     config = AdapterConfig(r=8, target_modules=["q_proj", "v_proj"], method="dylora", scaling="rank", lora_alpha=4.0)
     config.save(tmp_path)

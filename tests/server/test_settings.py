@@ -97,6 +97,7 @@ def test_invalid_settings(fields: dict, message: str) -> None:
         (["--rank-policy", "fixed"], "rank_policy 'fixed' needs default_rank (--default-rank N)"),
         (["--port", "70000"], "port is out of range: got 70000, allowed 1..65535 (--port or MATLORA_PORT)"),
         (["--threads", "0"], "threads is out of range: got 0, allowed >= 1 (--threads or MATLORA_THREADS)"),
+        (["--max-queue", "0"], "max_queue is out of range: got 0, allowed >= 1 (--max-queue or MATLORA_MAX_QUEUE)"),
         (
             ["--dtype", "int8"],
             "dtype must be one of auto, bfloat16, bf16, float16, fp16, float32, fp32, got 'int8' "
