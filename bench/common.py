@@ -232,6 +232,14 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def display_path(path: Path) -> str:
+    """Return ``path`` relative to the repository root when it lies inside it, so results name no local folders."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     """Format a number for a table, or ``-`` for a missing one."""
     return "-" if value is None else f"{value:.{digits}f}"

@@ -280,7 +280,8 @@ def accuracy_by_rank(report_path: Path | None, adapter: ServedAdapter) -> tuple[
         report_path = adapter.directory / "report.json"
     if report_path is not None:
         report = json.loads(report_path.read_text())
-        return dict(zip(report["ranks"], report["accuracy"])), f"{report_path} ({report.get('label', 'eval report')})"
+        source = f"{common.display_path(report_path)} ({report.get('label', 'eval report')})"
+        return dict(zip(report["ranks"], report["accuracy"])), source
     quality = common.RESULTS_DIR / "quality.json"
     if not quality.is_file():
         return {}, "none (no quality results and no --accuracy-report)"
@@ -353,7 +354,7 @@ def run(config: MixedBatchingConfig, work_dir: Path, device: str, accuracy_repor
         "benchmark": NAME,
         "config": dataclasses.asdict(config),
         "adapter": {
-            "directory": str(adapter.directory),
+            "directory": common.display_path(adapter.directory),
             "max_rank": adapter.max_rank,
             "train_ranks": list(adapter.train_ranks),
             "random": adapter.random,

@@ -739,7 +739,13 @@ def _sweep_table(result: dict[str, Any]) -> str:
         scores.setdefault(entry["variant"], {})[entry["lr"]] = common.fmt(entry["score"]) + mark
     rows = [[label, *(by_lr.get(lr, "") for lr in rates)] for label, by_lr in scores.items()]
     table = common.markdown_table(["variant (score)", *(f"lr {lr:g}" for lr in rates)], rows)
-    return table + "\n\nThe score is AURAC over rank for a method, accuracy at its rank for an envelope adapter."
+    table += "\n\nThe score is AURAC over rank for a method, accuracy at its rank for an envelope adapter."
+    at_edge = [
+        entry["variant"] for entry in result["sweep"] if entry["chosen"] and entry["lr"] in (min(rates), max(rates))
+    ]
+    if len(rates) > 1 and at_edge:
+        table += f" Chosen at an end of the sweep, so a rate beyond it may score higher: {', '.join(at_edge)}."
+    return table
 
 
 def _signed(value: float | None) -> str:

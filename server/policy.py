@@ -7,8 +7,9 @@
 
       seconds_per_token(r) * expected_tokens * batches_to_wait_for
 
-  ``seconds_per_token(r)`` is the running average decode-step time of steps that had a
-  row at rank r, so it grows with the batch size. ``expected_tokens`` is the average
+  ``seconds_per_token(r)`` is the running average time between two tokens of a row at
+  rank r: a decode step plus the prompt prefills that ran before it. It grows with the
+  batch size and with the rate of new requests. ``expected_tokens`` is the average
   completion length so far, capped by the request's ``max_new_tokens``.
   ``batches_to_wait_for`` is 1 when the request joins the batch at once, plus one per
   full batch of requests queued ahead of it. With no load the policy picks R; under load

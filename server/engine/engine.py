@@ -184,7 +184,7 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 64,
     ) -> None:
-        # Every request waits in the queue before it joins the batch, so a queue of 0 would refuse all.
+        # Every request waits in the queue before it joins the batch, so a queue of 0 would reject all.
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"need max_batch_size >= 1 and max_queue >= 1, got {max_batch_size} and {max_queue}")
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -289,11 +289,13 @@ class Engine:
                 if self._stopping:
                     break
                 admitted = self._admit()
+            # A running row waits for this iteration's prefills too, so its time per token counts them.
+            iteration_started = time.perf_counter()
             for sequence in admitted:
                 self._prefill(sequence)
             self._drop_cancelled()
             if self._running:
-                self._decode()
+                self._decode(iteration_started)
             self._drop_cancelled()
         for sequence in [*self._waiting, *self._prefilling, *self._running]:
             sequence.stream.send_error(EngineStoppedError("the server stopped before this request finished"))
@@ -333,14 +335,17 @@ class Engine:
                 self._running.append(sequence)
             self._update_gauges()
 
-    def _decode(self) -> None:
-        """Run one decode step for the whole batch and drop the rows that finished."""
+    def _decode(self, iteration_started: float) -> None:
+        """Run one decode step for the whole batch and drop the rows that finished.
+
+        The rank policy's time per token is measured from ``iteration_started``, before the
+        prefills that ran ahead of this step, because a running row waited for those too.
+        """
         sequences = self._running
         observed = [s for s in sequences if not s.request.warmup]
         if observed:
             metrics.BATCH_SIZE.observe(len(observed))
         rows = [RowInput([s.last_token], len(s.kv), s.kv, s.request.adapter, s.request.rank) for s in sequences]
-        started = time.perf_counter()
         try:
             logits = self.runner.decode(rows)
         except Exception:
@@ -348,7 +353,7 @@ class Engine:
         else:
             keys = [(s.request.adapter, s.request.rank) for s in observed]
             if keys:
-                self.stats.observe_decode_step(time.perf_counter() - started, keys)
+                self.stats.observe_decode_step(time.perf_counter() - iteration_started, keys)
             for sequence, row_logits in zip(sequences, logits):
                 self._take_token(sequence, row_logits)
         self._remove_finished()

@@ -24,7 +24,10 @@ class ServingStats:
         self._completion_tokens: dict[str, float] = {}
 
     def observe_decode_step(self, seconds: float, keys: Iterable[tuple[str, int]]) -> None:
-        """Record one decode step that produced one token for rows at each (adapter, rank) in ``keys``."""
+        """Record the time to one more token of the rows at each (adapter, rank) in ``keys``.
+
+        That time is a decode step plus the prefills that ran before it.
+        """
         with self._lock:
             for key in set(keys):
                 self._token_seconds[key] = self._smooth(self._token_seconds.get(key), seconds)
