@@ -92,6 +92,8 @@ class RankPolicy:
         candidates = sorted(set(adapter.train_ranks) | {adapter.max_rank})
         predictions = self.predict_seconds(adapter, candidates, max_new_tokens, load)
         meeting = [rank for rank in candidates if predictions[rank] <= self.target_seconds]
+        # NOTE: every rank is assumed to generate the adapter's average completion length. Where
+        # low ranks generate longer completions, the smallest rank can be slower than R.
         rank = meeting[-1] if meeting else candidates[0]
         logger.debug(
             "auto rank %d for %s (target %.3f s, predicted %s, load %s)",
