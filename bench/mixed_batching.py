@@ -16,7 +16,7 @@ The benchmark starts ``matlora serve`` and drives it with ``matlora loadgen``.
 Generation stops at the end-of-sequence token, so requests at different ranks may produce
 different numbers of tokens. The tables give the tokens per request beside the latency.
 
-    python -m bench.mixed_batching          # about 10 minutes on a 2-core CPU (estimate)
+    python -m bench.mixed_batching          # about 5 minutes on a 2-core CPU
     python -m bench.mixed_batching --smoke  # a few minutes, tiny random model
 """
 
@@ -51,7 +51,7 @@ READY_TIMEOUT_S = 900.0
 
 @dataclass(frozen=True)
 class MixedBatchingConfig:
-    """Load settings. The defaults are the CPU configuration of about 10 minutes.
+    """Load settings. The defaults are the CPU configuration of about 5 minutes.
 
     ``adapter`` None serves the bundled adapter when the repository has one, else a random
     adapter of rank ``random_rank`` on ``random_targets`` (timing depends on the shape only).

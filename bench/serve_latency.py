@@ -13,7 +13,7 @@ The CPU is shared, so every figure is a median over rounds, and ratios are forme
 a round. The adapter is the bundled one when present, else a random one of rank 16 on
 all seven projections (timing depends on the shape only).
 
-    python -m bench.serve_latency                # about 5 minutes on a 2-core CPU (estimate)
+    python -m bench.serve_latency                # about 1 minute on a 2-core CPU
     python -m bench.serve_latency --rounds 1 --requests 4 --steps 4   # a quick check
 """
 

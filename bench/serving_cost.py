@@ -20,7 +20,7 @@ the base model, by torch.profiler, shows where the time goes.
 Timing does not depend on the adapter's values, so by default the adapter is random, with
 R=32 on all seven projections. ``--adapter DIR`` times a trained one.
 
-    python -m bench.serving_cost          # about 15 minutes on a 2-core CPU (estimate)
+    python -m bench.serving_cost          # about 8 minutes on a 2-core CPU
     python -m bench.serving_cost --smoke  # under a minute, tiny random model
 """
 
@@ -52,7 +52,7 @@ PEFT_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """Timing settings. The defaults are the CPU configuration of about 15 minutes."""
+    """Timing settings. The defaults are the CPU configuration of about 8 minutes."""
 
     base: str = "smollm2-135m"
     adapter: str | None = None

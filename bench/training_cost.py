@@ -11,7 +11,7 @@ Expected: matryoshka, dylora and lora cost the same within noise (one forward an
 pass; DyLoRA's prefix slices save a little). Nested runs one forward and backward pass per
 training rank, so it should cost about that many times a lora step.
 
-    python -m bench.training_cost          # about 6 minutes on a 2-core CPU (estimate)
+    python -m bench.training_cost          # about 5 minutes on a 2-core CPU
     python -m bench.training_cost --smoke  # under a minute, tiny random model
 """
 
