@@ -264,7 +264,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         [
             f"Decode steps on smollm2-135m with a rank-{decode['max_rank']} adapter "
             f"({decode['prompt_tokens']}-token prompts, median of {result['config']['rounds']} rounds). A step "
-            "gives every request in the batch one token, so its time is each request's per-token latency:",
+            "gives every request in the batch one token, so its time is each request's per-token latency. "
+            "Each ratio is taken within a round, then the median over rounds:",
             common.markdown_table(["batch", "rank", "ms per step", "tokens/s", "ratio to rank 0"], decode_rows),
             f"Throughput of `matlora serve` on {throughput['requests']} greedy requests of up to "
             f"{throughput['max_new_tokens']} tokens at ranks {', '.join(map(str, throughput['ranks']))} in turn:",
@@ -287,9 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "config": {
             **vars(args),
-            "adapter": str(adapter_dir),
-            "results_dir": str(args.results_dir),
-            "work_dir": str(args.work_dir),
+            "adapter": common.display_path(adapter_dir),
+            "results_dir": common.display_path(args.results_dir),
+            "work_dir": common.display_path(args.work_dir),
         },
         "environment": common.environment("cpu"),
     }

@@ -209,7 +209,7 @@ def load_variants(config: ServingConfig, adapter_dir: Path, work_dir: Path, devi
     )
     lora_a = next(p for n, p in peft_model.named_parameters() if "lora_A" in n)
     description = {
-        "adapter": str(adapter_dir),
+        "adapter": common.display_path(adapter_dir),
         "max_rank": adapter_config.r,
         "target_modules": adapter_config.target_modules,
         "ranks": ranks,
