@@ -192,18 +192,22 @@ def fill_sections(text: str, rendered: dict[str, str]) -> str:
     return re.sub(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", replace, text, flags=re.DOTALL)
 
 
+def fill_readme(readme: Path, rendered: dict[str, str]) -> None:
+    """Replace the sections of ``readme`` found in ``rendered``, writing the file only when it changes."""
+    text = readme.read_text()
+    updated = fill_sections(text, rendered)
+    if updated != text:
+        readme.write_text(updated)
+        logger.info("updated the %s sections of %s", ", ".join(sorted(rendered)), readme)
+
+
 def publish(name: str, markdown: str, directory: Path) -> None:
     """Put a benchmark's Markdown into the READMES, when the results went to the committed folder."""
     if directory.resolve() != RESULTS_DIR.resolve():
         return
     for readme in READMES:
-        if not readme.is_file():
-            continue
-        text = readme.read_text()
-        updated = fill_sections(text, {name: markdown})
-        if updated != text:
-            readme.write_text(updated)
-            logger.info("updated the %s section of %s", name, readme)
+        if readme.is_file():
+            fill_readme(readme, {name: markdown})
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

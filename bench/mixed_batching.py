@@ -449,8 +449,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                 policy_rows,
             ),
             "",
-            f"Accuracy is the mean, over answered requests, of the accuracy of the rank each ran at "
-            f"({accuracy}); source: {policy['accuracy_source']}.",
+            "Accuracy is the mean, over answered requests, of the accuracy of the rank each ran at. "
+            f"Accuracy by rank: {accuracy}. Source: {policy['accuracy_source']}.",
             "",
             common.environment_note(result.get("environment", {})),
         ]

@@ -49,10 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rendered = render_all(args.results_dir)
     for readme in args.readme or DEFAULT_READMES:
-        text = readme.read_text()
-        updated = common.fill_sections(text, rendered)
-        if updated != text:
-            readme.write_text(updated)
+        common.fill_readme(readme, rendered)
     print(f"rendered {', '.join(rendered) or 'nothing'} from {args.results_dir}")
     return 0
 

@@ -264,10 +264,10 @@ class LocalStack:
         self.stop_requested = True
 
     def check(self) -> bool:
-        """Log each process that exited since the last call; return whether the stack can still serve.
+        """Log each process that exited since the last call, and return whether the stack can still serve.
 
-        It can while nginx and at least one replica run. Meant for a started stack: a
-        process that was never started counts as exited.
+        It can while nginx and at least one replica run. Call it on a started stack only,
+        because a process that was never started counts as exited.
         """
         for service in [*self.replicas, self.nginx, self.prometheus]:
             if service.running or service.name in self._reported_exits:

@@ -44,7 +44,7 @@ DEFAULT_ADAPTER = "default"
 def trained_inference_scaling(method: str) -> str:
     """Return the inference scaling under which rank k serves the function ``method`` trained at rank k.
 
-    Nested trains each prefix at s(k), which ``drop_p`` serves; matryoshka trains the
+    Nested trains each prefix at s(k), which ``drop_p`` serves. Matryoshka trains the
     prefixes through p, which ``keep_p`` keeps. For dylora both coincide, and ``keep_p``
     keeps lora's s(R).
     """

@@ -67,7 +67,7 @@ def _register_train(subparsers) -> None:
         "--inference-scaling",
         choices=INFERENCE_SCALINGS,
         default=None,
-        help="how rank k is served: keep_p keeps the trained p[:k], drop_p uses s(k) as the paper does "
+        help="how rank k is served: keep_p keeps the trained p[:k], drop_p uses s(k) as the MatryoshkaLoRA paper does "
         "(default: what the method trained, keep_p, or drop_p for nested)",
     )
     parser.add_argument(

@@ -186,7 +186,7 @@ class Engine:
     ) -> None:
         # Every request waits in the queue before it joins the batch, so a queue of 0 would reject all.
         if max_batch_size < 1 or max_queue < 1:
-            raise ValueError(f"need max_batch_size >= 1 and max_queue >= 1, got {max_batch_size} and {max_queue}")
+            raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.runner = ModelRunner(model, pad_token_id)
         self.tokenizer = tokenizer
@@ -338,8 +338,7 @@ class Engine:
     def _decode(self, iteration_started: float) -> None:
         """Run one decode step for the whole batch and drop the rows that finished.
 
-        The rank policy's time per token is measured from ``iteration_started``, before the
-        prefills that ran ahead of this step, because a running row waited for those too.
+        The time per token given to the rank policy starts at ``iteration_started``.
         """
         sequences = self._running
         observed = [s for s in sequences if not s.request.warmup]

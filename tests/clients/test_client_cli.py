@@ -145,11 +145,18 @@ def test_ask_unauthorized_hint(routed, capsys):
     assert "hint: pass the server's token with --api-key or $MATLORA_API_KEY" in capsys.readouterr().err
 
 
-def test_ask_rejects_bad_rank(capsys):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rank", "eight"], "invalid rank 'eight': expected an integer such as 8, or 'auto'"),
+        (["--temperature", "nan"], "invalid value 'nan': expected a finite number"),
+    ],
+)
+def test_ask_rejects_bad_option(args, message, capsys):
     with pytest.raises(SystemExit) as caught:
-        main(["ask", "hi", "--rank", "eight"])
+        main(["ask", "hi", *args])
     assert caught.value.code == 2
-    assert "invalid rank 'eight': expected an integer such as 8, or 'auto'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_ask_connection_refused(capsys, monkeypatch):
@@ -216,13 +223,6 @@ def test_clients_do_not_import_torch():
         "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-
-
-def test_ask_rejects_nan_temperature(capsys):
-    with pytest.raises(SystemExit) as caught:
-        main(["ask", "hi", "--temperature", "nan"])
-    assert caught.value.code == 2
-    assert "invalid value 'nan': expected a finite number" in capsys.readouterr().err
 
 
 def test_loadgen_fails_when_no_request_succeeds(routed, capsys):

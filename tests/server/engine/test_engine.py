@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from pathlib import Path
 
@@ -88,6 +89,13 @@ def test_kv_cache_overflow_raises() -> None:
 
     with pytest.raises(RuntimeError, match="KV cache overflow: 3 tokens in a row sized for 2"):
         kv.append(0, key, key)
+
+
+@pytest.mark.parametrize(("max_batch_size", "max_queue"), [(0, 1), (1, 0)])
+def test_engine_rejects_empty_limits(max_batch_size: int, max_queue: int) -> None:
+    message = f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Engine(None, None, max_batch_size=max_batch_size, max_queue=max_queue)
 
 
 def test_queue_bound_and_stop_accepting(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> None:
